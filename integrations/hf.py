@@ -1,0 +1,322 @@
+"""HF transformers integration: ``DynTSCache``, a ``transformers.Cache`` that keeps the KV cache within a budget.
+
+    cache = DynTSCache(model, CompressionConfig(budget=3000, window=1000), scorer="h2o")
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=16384)
+
+This module only adapts the model to ``dynts.compressor.DenseCompressor`` (which owns storage, scoring and
+policy), through hooks and the ``Cache`` API; the model is not patched:
+
+* a forward pre-hook on the decoder announces each step and, once rows are no longer aligned (padding dropped,
+  tokens evicted, finished rows), replaces the 2D padding mask by a 4D additive mask over physical slots;
+* each full-attention layer's ``update`` writes into the preallocated storage (``DynTSLayer``);
+* for scorers that need queries, hooks on the attention module and its query projection capture the post-RoPE
+  queries of the step;
+* a forward hook on the decoder hands the final-norm hidden states to the scorer and compacts full rows.
+
+Positions stay logical: ``get_seq_length`` is the logical length, so RoPE positions are those of the full cache.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from ..compressor import DenseCompressor
+from ..config import CompressionConfig
+from ..scorers import Scorer, get_scorer
+
+_UNSUPPORTED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
+
+
+class DynTSLayer(CacheLayerMixin):
+    """The cache of one full-attention layer: a view into the shared storage of its ``DynTSCache``."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+    supports_early_init = False
+
+    def __init__(self, owner: "DynTSCache", storage_layer: int) -> None:
+        # CacheLayerMixin.__init__ would assign keys/values tensors; this layer exposes them as views instead.
+        self._owner = weakref.proxy(owner)
+        self.storage_layer = storage_layer
+
+    def __repr__(self) -> str:
+        return f"DynTSLayer(storage_layer={self.storage_layer})"
+
+    @property
+    def is_initialized(self) -> bool:  # type: ignore[override]
+        return self._owner.compressor.storage is not None
+
+    @property
+    def keys(self) -> torch.Tensor | None:  # type: ignore[override]
+        storage = self._owner.compressor.storage
+        return None if storage is None else storage.keys[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
+
+    @property
+    def values(self) -> torch.Tensor | None:  # type: ignore[override]
+        storage = self._owner.compressor.storage
+        return None if storage is None else storage.values[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Storage is allocated by the compressor on the first write."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._owner.compressor.write(self.storage_layer, key_states, value_states)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self._owner.compressor.max_physical_len + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self._owner.compressor.logical_len
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def _unsupported(self, what: str) -> None:
+        raise NotImplementedError(f"DynTSCache does not support {what} (use greedy or sampling generation)")
+
+    def reset(self) -> None:
+        self._unsupported("reset; create a new DynTSCache per generate call")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._unsupported("beam search")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self._unsupported("cropping (assisted / speculative decoding)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._unsupported("expanding a filled cache (num_return_sequences on a reused cache)")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._unsupported("selecting batch rows of a filled cache")
+
+
+class DynTSCache(Cache):
+    """A bounded KV cache for ``model.generate(..., past_key_values=DynTSCache(model, config, scorer=...))``.
+
+    model:         an HF causal LM (Llama, Qwen2, Qwen3, Mistral and other decoders with full-attention layers;
+                   linear-attention layers of hybrid models keep HF's own cache layers, untouched).
+    config:        a ``CompressionConfig``.
+    scorer:        a ``Scorer`` instance or a name from ``dynts.scorers.SCORERS`` (built with ``scorer_kwargs``).
+    eos_token_id:  ids that finish a row (default: the model's generation config); a finished row stops growing.
+
+    One cache serves one batch of sequences (one ``generate`` call). Supports ``sdpa`` and ``eager`` attention,
+    greedy and sampling, batches with left padding.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CompressionConfig,
+        scorer: Scorer | str = "h2o",
+        *,
+        scorer_kwargs: dict[str, Any] | None = None,
+        eos_token_id: int | list[int] | None = None,
+    ) -> None:
+        if not isinstance(config, CompressionConfig):
+            raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
+        if isinstance(scorer, str):
+            scorer = get_scorer(scorer, **(scorer_kwargs or {}))
+        elif scorer_kwargs:
+            raise ValueError("scorer_kwargs is only used with a scorer name")
+        if not isinstance(scorer, Scorer):
+            raise TypeError(f"scorer must be a Scorer or a scorer name, got {type(scorer).__name__}")
+        text_config = model.config.get_text_config(decoder=True)
+        config.validate_vocab(text_config.vocab_size)
+        attn_implementation = getattr(text_config, "_attn_implementation", None)
+        if attn_implementation not in (None, "sdpa", "eager"):
+            raise ValueError(
+                f"DynTSCache supports attn_implementation 'sdpa' or 'eager' (it passes a 4D mask over physical slots); "
+                f"the model uses {attn_implementation!r}"
+            )
+
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        layers: list[Any] = []
+        self.storage_layer_of: dict[int, int] = {}
+        for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            if layer_type == "full_attention":
+                self.storage_layer_of[layer_idx] = len(self.storage_layer_of)
+                layers.append(DynTSLayer(self, self.storage_layer_of[layer_idx]))
+            elif layer_type in _UNSUPPORTED_LAYER_TYPES:
+                raise ValueError(
+                    f"layer {layer_idx} is {layer_type!r}: DynTSCache compresses full-attention layers only "
+                    "(sliding-window layers are not supported yet)"
+                )
+            else:  # linear attention / conv state of hybrid models: HF's own layer, never touched by dynts
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        if not self.storage_layer_of:
+            raise ValueError("the model has no full-attention layer to compress")
+        super().__init__(layers=layers)
+
+        self.config = config
+        self.scorer = scorer
+        attention_modules = _attention_modules(model, set(self.storage_layer_of))
+        first = attention_modules.get(min(self.storage_layer_of))
+        eos = eos_token_id if eos_token_id is not None else getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        self.compressor = DenseCompressor(
+            config, scorer, num_layers=len(self.storage_layer_of),
+            query_heads=getattr(text_config, "num_attention_heads", None),
+            scale=getattr(first, "scaling", None),
+            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+        )
+        self._model_dtype = next(model.parameters()).dtype
+        self._in_forward = False
+        self._queries: dict[int, torch.Tensor] = {}
+        self._hooks = self._install_hooks(model, attention_modules)
+        weakref.finalize(self, _remove_hooks, self._hooks)
+
+    # ------------------------------------------------------------------ public introspection
+    def resident_positions(self, layer_idx: int) -> list[torch.Tensor]:
+        """For each row, the logical positions whose K/V the model layer ``layer_idx`` holds (in slot order).
+
+        Positions are column indices of the generated sequence tensor (left padding included), so
+        ``sequences[row, positions]`` are the kept tokens. Shape [n] per row, [kv_heads, n] for ``per_kv_head``.
+        """
+        if layer_idx not in self.storage_layer_of:
+            raise ValueError(
+                f"layer_idx {layer_idx} is not a compressed full-attention layer; allowed: {sorted(self.storage_layer_of)}"
+            )
+        return self.compressor.resident_positions(self.storage_layer_of[layer_idx])
+
+    @property
+    def physical_len(self) -> list[int]:
+        """Per row, the number of tokens whose K/V are held."""
+        storage = self.compressor.storage
+        return [] if storage is None else list(storage.physical_len_host)
+
+    @property
+    def stats(self):  # -> CacheStats
+        return self.compressor.stats
+
+    def detach(self) -> None:
+        """Remove the hooks from the model now (they are also removed when the cache is garbage collected)."""
+        _remove_hooks(self._hooks)
+
+    # ------------------------------------------------------------------ Cache API
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.compressor.logical_len
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        return self.compressor.max_physical_len + query_length, 0
+
+    # ------------------------------------------------------------------ hooks
+    def _install_hooks(self, model: nn.Module, attention_modules: dict[int, nn.Module]) -> list[Any]:
+        decoder = _decoder_module(model)
+        ref = weakref.ref(self)
+        handles = [
+            decoder.register_forward_pre_hook(lambda m, a, k: _before_forward(ref, a, k), with_kwargs=True),
+            decoder.register_forward_hook(lambda m, a, k, out: _after_forward(ref, k, out), with_kwargs=True),
+        ]
+        if self.scorer.needs_queries:
+            for layer_idx, module in attention_modules.items():
+                handles.extend(_query_capture_hooks(ref, layer_idx, module))
+        return handles
+
+
+def _before_forward(ref: weakref.ref, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    cache = ref()
+    if cache is None or kwargs.get("past_key_values") is not cache:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    reference = input_ids if input_ids is not None else embeds
+    if reference is None:
+        raise ValueError("DynTSCache: the forward pass got neither input_ids nor inputs_embeds")
+    batch_size, num_new = reference.shape[0], reference.shape[1]
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        raise ValueError("DynTSCache builds its own 4D attention mask; pass a 2D padding mask (or none)")
+    compressor = cache.compressor
+    prefill = compressor.tracker is None
+    compressor.begin_step(
+        batch_size=batch_size, num_new=num_new, input_ids=input_ids,
+        padding_mask=None if mask is None else (mask[:, -num_new:] if prefill else mask),
+    )
+    cache._in_forward = True
+    if not compressor.is_aligned():
+        kwargs["attention_mask"] = compressor.attention_mask(num_new, cache._model_dtype)
+    return args, kwargs
+
+
+def _after_forward(ref: weakref.ref, kwargs: dict, output: Any) -> None:
+    cache = ref()
+    if cache is None or kwargs.get("past_key_values") is not cache:
+        return
+    cache._in_forward = False
+    cache._queries.clear()
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is None and isinstance(output, tuple):
+        hidden = output[0]
+    cache.compressor.end_step(hidden)
+
+
+def _query_capture_hooks(ref: weakref.ref, layer_idx: int, attention: nn.Module) -> list[Any]:
+    """Hooks that rebuild the post-RoPE queries of ``attention`` from its own projections: the output of
+    ``q_norm`` (Qwen3) or ``q_proj``, rotated with the cos/sin the module receives and its model's RoPE."""
+    projection = getattr(attention, "q_norm", None) or getattr(attention, "q_proj", None)
+    rotary = getattr(sys.modules[type(attention).__module__], "apply_rotary_pos_emb", None)
+    head_dim = getattr(attention, "head_dim", None)
+    if projection is None or rotary is None or head_dim is None:
+        raise ValueError(
+            f"{type(attention).__name__}: cannot capture queries (no q_proj/q_norm, head_dim or apply_rotary_pos_emb); "
+            "use a scorer that needs no queries (external/predictor, window, streamingllm, sepllm, random)"
+        )
+    rotation: dict[str, Any] = {}
+
+    def before_attention(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        cache = ref()
+        if cache is not None and cache._in_forward:
+            rotation["cos_sin"] = kwargs.get("position_embeddings")
+
+    def after_projection(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        cache = ref()
+        if cache is None or not cache._in_forward:
+            return
+        batch, num_new = output.shape[0], output.shape[1]
+        query = output.reshape(batch, num_new, -1, head_dim).transpose(1, 2)
+        cos, sin = rotation["cos_sin"]
+        cache._queries[layer_idx] = rotary(query, query, cos, sin)[0]
+
+    def after_attention(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        cache = ref()
+        if cache is None or not cache._in_forward or layer_idx not in cache._queries:
+            return
+        cache.compressor.observe_queries(cache.storage_layer_of[layer_idx], cache._queries.pop(layer_idx))
+
+    return [
+        attention.register_forward_pre_hook(before_attention, with_kwargs=True),
+        projection.register_forward_hook(after_projection),
+        attention.register_forward_hook(after_attention, with_kwargs=True),
+    ]
+
+
+def _decoder_module(model: nn.Module) -> nn.Module:
+    """The module that takes ``past_key_values`` and returns the final-norm hidden states."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        decoder = getattr(model, "model", None)
+    if decoder is None or not hasattr(decoder, "forward"):
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder module (tried get_decoder() and .model)")
+    return decoder
+
+
+def _attention_modules(model: nn.Module, layer_indices: set[int]) -> dict[int, nn.Module]:
+    """Map model layer index -> attention module (the module holding ``layer_idx`` and a ``q_proj``/``scaling``)."""
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        layer_idx = getattr(module, "layer_idx", None)
+        if layer_idx in layer_indices and hasattr(module, "scaling") and layer_idx not in found:
+            found[layer_idx] = module
+    return found
+
+
+def _remove_hooks(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()

@@ -1,0 +1,154 @@
+"""Torch references for the dynts kernels.
+
+Each function here is the specification of one op: the Triton kernels next to it must give the same result
+(tests compare them on awkward shapes). They are also the path taken for CPU tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+Reduction = str  # "sum" | "mean" | "max"
+REDUCTIONS = ("sum", "mean", "max")
+
+
+def compact_reference_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
+    """Move the kept slots of the selected rows to the front of their storage, in place.
+
+    cache:      [layers, batch, heads, slots, dim] (any dtype). Slot tensors without a feature dim are passed
+                with dim 1 (``x.unsqueeze(-1)``).
+    rows:       [R] int64, the batch rows to compact (others are untouched).
+    keep_index: [layers_g, R, heads_g, K] int64, layers_g in {1, layers}, heads_g in {1, heads} (broadcast).
+                For j < keep_count[r] the entries are strictly increasing slot indices.
+    keep_count: [R] int64; slots >= keep_count[r] of a compacted row hold unspecified data afterwards.
+
+    After the call, ``cache[l, rows[r], h, j] == old_cache[l, rows[r], h, keep_index[l', r, h', j]]`` for
+    ``j < keep_count[r]`` (l' = l or 0, h' = h or 0).
+    """
+    layers, _, heads, _, dim = cache.shape
+    if keep_index.shape[-1] == 0 or rows.numel() == 0:
+        return
+    index = keep_index.expand(layers, -1, heads, -1)  # [L, R, H, K]
+    # Entries past keep_count may be anything: clamp them onto a valid slot so the gather stays in bounds; their
+    # destination slots are beyond the new physical length and never read.
+    width = torch.arange(index.shape[-1], device=index.device)
+    valid = width < keep_count.view(1, -1, 1, 1)
+    index = torch.where(valid, index, torch.zeros_like(index))
+    selected = cache[:, rows]  # [L, R, H, S, D] (a copy of the selected rows only)
+    gathered = torch.gather(selected, 3, index.unsqueeze(-1).expand(-1, -1, -1, -1, dim))
+    kept = torch.where(valid.unsqueeze(-1), gathered, selected[:, :, :, : index.shape[-1]])
+    cache[:, rows, :, : index.shape[-1]] = kept
+
+
+
+def compact_paged_reference_(
+    kv_caches: Sequence[torch.Tensor], block_table: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+) -> None:
+    """Paged version of ``compact_reference_`` for vLLM's CUDA layout, in place.
+
+    kv_caches:   one tensor per layer, [planes, num_blocks, block_size, kv_heads, head_size] (vLLM FlashAttention
+                 layout; planes = 2 for K and V). Slot s of request r lives in block ``block_table[r, s //
+                 block_size]`` at offset ``s % block_size``.
+    block_table: [R, max_blocks] int32/int64, the block-table rows of the requests to compact.
+    keep_index:  [layers_g, R, heads_g, K] int64, as in ``compact_reference_``.
+    keep_count:  [R] int64.
+
+    After the call, logical slot j < keep_count[r] of request r holds what logical slot keep_index[l', r, h', j]
+    held, in every layer, plane and head; all other slots are unchanged.
+    """
+    if len(kv_caches) == 0 or keep_index.shape[-1] == 0 or block_table.shape[0] == 0:
+        return
+    block_size, heads = kv_caches[0].shape[2], kv_caches[0].shape[3]
+    row_count, width = block_table.shape[0], keep_index.shape[-1]
+    device = kv_caches[0].device
+    table = block_table.to(device=device, dtype=torch.long)
+    request = torch.arange(row_count, device=device).view(-1, 1, 1)
+    head = torch.arange(heads, device=device).view(1, -1, 1)
+    destination = torch.arange(width, device=device).view(1, 1, -1)
+    valid = (destination < keep_count.to(device).view(-1, 1, 1)).expand(row_count, heads, width)
+
+    def location(slot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # (block id, offset) of kept lanes
+        slot = torch.where(valid, slot, 0)  # lanes past keep_count may hold anything
+        return table[request, slot // block_size][valid], (slot % block_size)[valid]
+
+    heads_index = head.expand(row_count, heads, width)[valid]
+    destination_block, destination_offset = location(destination.expand(row_count, heads, width))
+    for layer, cache in enumerate(kv_caches):
+        source = keep_index[layer if keep_index.shape[0] > 1 else 0].to(device).expand(row_count, heads, width)
+        source_block, source_offset = location(source)
+        kept = cache[:, source_block, source_offset, heads_index]  # advanced indexing copies: reads precede writes
+        cache[:, destination_block, destination_offset, heads_index] = kept
+
+
+def attention_scores_reference(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_len: torch.Tensor,
+    *,
+    scale: float,
+    query_count: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+    reduce_queries: Reduction = "sum",
+    reduce_group: Reduction = "sum",
+    causal: bool = True,
+) -> torch.Tensor:
+    """Softmax attention of the most recent queries over each row's cached keys, reduced per key slot.
+
+    queries:     [batch, q_heads, window, dim]; the query at window index w belongs to key slot
+                 ``key_len - window + w`` (the queries are the newest tokens, whose keys are cached).
+    keys:        [batch, kv_heads, slots, dim] (slots >= key_len[b] are ignored).
+    key_len:     [batch] int64, the physical length of each row.
+    query_count: [batch] int64 or None: only the last query_count[b] queries of a row are real (a row that
+                 has seen fewer tokens than the window); None means all.
+    key_start:   [batch] int64 or None: keys at slots < key_start[b] are invisible (left padding during a
+                 prefill); None means 0.
+    causal:      a query does not see keys newer than itself.
+    Returns      [batch, kv_heads, slots] float32: per query the exact softmax over the visible keys, then
+                 reduced over the (valid) queries and over the q heads of each GQA group. Slots past key_len
+                 are 0.
+    """
+    batch, q_heads, window, dim = queries.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    group = q_heads // kv_heads
+    for name, value in (("reduce_queries", reduce_queries), ("reduce_group", reduce_group)):
+        if value not in REDUCTIONS:
+            raise ValueError(f"{name} must be one of {REDUCTIONS}, got {value!r}")
+    device = queries.device
+    key_len = key_len.to(device)
+    if query_count is None:
+        query_count = torch.full((batch,), window, dtype=torch.long, device=device)
+    query_count = query_count.to(device)
+
+    slot = torch.arange(slots, device=device)
+    query_slot = key_len.view(batch, 1) - window + torch.arange(window, device=device)  # [B, W]
+    visible = slot.view(1, 1, slots) < key_len.view(batch, 1, 1)  # [B, 1, S]
+    if key_start is not None:
+        visible = visible & (slot.view(1, 1, slots) >= key_start.to(device).view(batch, 1, 1))
+    if causal:
+        visible = visible & (slot.view(1, 1, slots) <= query_slot.unsqueeze(-1))  # [B, W, S]
+    query_valid = torch.arange(window, device=device).view(1, window) >= (window - query_count.view(batch, 1))  # [B, W]
+
+    q = queries.float().view(batch, kv_heads, group, window, dim)
+    k = keys.float().unsqueeze(2)  # [B, Hkv, 1, S, D]
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [B, Hkv, G, W, S]
+    logits = logits.masked_fill(~visible.view(batch, 1, 1, -1, slots), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # a query that sees no key contributes nothing
+    valid = query_valid.view(batch, 1, 1, window, 1)
+    if reduce_queries == "max":
+        per_query = probs.masked_fill(~valid, 0.0).amax(dim=3)
+    else:
+        per_query = probs.masked_fill(~valid, 0.0).sum(dim=3)
+        if reduce_queries == "mean":
+            per_query = per_query / query_count.clamp(min=1).view(batch, 1, 1, 1).float()
+    if reduce_group == "max":
+        scores = per_query.amax(dim=2)
+    else:
+        scores = per_query.sum(dim=2)
+        if reduce_group == "mean":
+            scores = scores / group
+    return scores.masked_fill(~(slot.view(1, 1, slots) < key_len.view(batch, 1, 1)), 0.0)

@@ -1,0 +1,4 @@
+import torch
+
+# Tiny models: one thread avoids oversubscribing the CI machine's 2 cores.
+torch.set_num_threads(1)

@@ -1,0 +1,73 @@
+import torch
+import pytest
+
+from dynts import CompressionConfig, protected_slots, select_keep
+
+
+def _keep(scores, length, protected=None, **config):
+    config = CompressionConfig(**config)
+    scores = torch.tensor(scores, dtype=torch.float32).view(1, 1, 1, -1)
+    protected = torch.zeros_like(scores, dtype=torch.bool) if protected is None else torch.tensor(protected).view(1, 1, 1, -1)
+    plan = select_keep(scores, torch.tensor([length]), protected, config)
+    count = int(plan.keep_count[0])
+    return plan.keep_index[0, 0, 0, :count].tolist(), bool(plan.overflow[0])
+
+
+def test_window_plus_top_k():
+    # 10 slots, window 2 -> older 8, keep floor(0.5 * 8) = 4 best of slots 0..7, plus slots 8, 9.
+    kept, overflow = _keep([5, 1, 7, 3, 9, 0, 2, 8, 0, 0], 10, budget=10, window=2, keep_ratio=0.5)
+    assert kept == [0, 2, 4, 7, 8, 9] and not overflow
+
+
+def test_ties_go_to_the_more_recent_slot():
+    kept, _ = _keep([1, 1, 1, 1, 1, 1], 6, budget=6, window=1, keep_ratio=0.4)  # older 5 -> keep 2
+    assert kept == [3, 4, 5]
+
+
+def test_protected_count_against_the_quota_and_always_stay():
+    protected = [True, False, False, False, False, True, False, False]
+    kept, overflow = _keep([0, 9, 8, 7, 6, 0, 0, 0], 8, protected, budget=8, window=2, keep_ratio=0.5)  # quota 3
+    assert kept == [0, 1, 5, 6, 7] and not overflow  # 2 protected + the single best scored one
+
+
+def test_protected_overflow_keeps_all_protected_and_flags_the_row():
+    protected = [True, True, True, False, False, False]
+    kept, overflow = _keep([0, 0, 0, 5, 5, 5], 6, protected, budget=6, window=1, keep_ratio=0.2)  # quota 1
+    assert kept == [0, 1, 2, 5] and overflow
+
+
+def test_keep_ratio_one_keeps_everything():
+    kept, _ = _keep([3, 2, 1, 0], 4, budget=4, window=1, keep_ratio=1.0)
+    assert kept == [0, 1, 2, 3]
+
+
+def test_ragged_rows_and_padding_past_the_length():
+    config = CompressionConfig(budget=6, window=1, keep_ratio=0.5)
+    scores = torch.tensor([[1.0, 5, 2, 4, 3, 0, 9, 9], [9.0, 1, 8, 2, 0, 0, 0, 0]]).view(1, 2, 1, 8)
+    plan = select_keep(scores, torch.tensor([6, 4]), torch.zeros(1, 2, 1, 8, dtype=torch.bool), config)
+    assert plan.keep_count.tolist() == [1 + 2, 1 + 1]
+    assert plan.keep_index[0, 0, 0, :3].tolist() == [1, 3, 5]
+    assert plan.keep_index[0, 1, 0, :2].tolist() == [0, 3]
+
+
+def test_per_head_keep_sets_have_equal_counts():
+    config = CompressionConfig(budget=5, window=1, keep_ratio=0.5, granularity="per_kv_head")
+    scores = torch.tensor([[4.0, 3, 2, 1, 0], [0.0, 1, 2, 3, 4]]).view(1, 1, 2, 5)
+    plan = select_keep(scores, torch.tensor([5]), torch.zeros(1, 1, 1, 5, dtype=torch.bool), config)
+    assert plan.keep_index[0, 0, 0].tolist() == [0, 1, 4]
+    assert plan.keep_index[0, 0, 1].tolist() == [2, 3, 4]
+
+
+def test_nan_scores_are_rejected():
+    with pytest.raises(ValueError, match="NaN"):
+        _keep([float("nan"), 1.0, 2.0], 3, budget=3, window=1)
+
+
+def test_protected_slots_from_positions():
+    config = CompressionConfig(budget=8, window=1)
+    positions = torch.tensor([0, 1, 2, 5, 6, 7, -1]).view(1, 1, 1, -1)
+    protected = protected_slots(positions, torch.tensor([2]), torch.tensor([6]), config)
+    assert protected.view(-1).tolist() == [True, True, False, False, True, True, True]
+    unprotected = protected_slots(positions, torch.tensor([2]), torch.tensor([6]),
+                                  CompressionConfig(budget=8, window=1, protect_prompt=False, protect_answer=False))
+    assert not unprotected.any()
