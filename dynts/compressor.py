@@ -60,6 +60,10 @@ class DenseCompressor:
         # overflowed the last one; then the row grows by the usual gap first (no compaction at every step).
         self._trigger: list[int] = []
         self._gap = max(1, config.budget - config.compacted_length(config.budget))
+        # Static decoding (see ``enter_static``): fixed-shape one-token steps, no host work inside a step.
+        self.static = False
+        self._static_step: Step | None = None
+        self._static_active: torch.Tensor | None = None
 
     @property
     def stats(self) -> CacheStats:
@@ -115,6 +119,9 @@ class DenseCompressor:
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new K/V ([rows, heads, new, dim]); return the [rows, heads, length, dim] views attention reads."""
+        if self.static:
+            self.storage.write_rows(layer, key_states, value_states, self._static_step.slots)
+            return self.storage.keys[layer], self.storage.values[layer]
         pending = self._require_pending()
         if key_states.shape[2] != pending.num_new:
             raise ValueError(f"layer {layer} wrote {key_states.shape[2]} tokens; the step announced {pending.num_new}")
@@ -151,6 +158,72 @@ class DenseCompressor:
         if full:
             self._compact(full)
         self._record_stats()
+
+    # ------------------------------------------------------------------ static decoding
+    def enter_static(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Switch to fixed-shape one-token steps whose device work can be captured in a CUDA graph.
+
+        ``input_ids`` ([rows, 1]) is the buffer the driving loop feeds each step. In this mode ``write`` stores at
+        each row's physical end and returns the whole capacity (attention takes the lengths from
+        ``physical_len + 1``); ``static_commit`` (device only) runs inside the step; ``static_advance`` (host)
+        runs after it. Returns the device ``active`` mask ([rows] bool) the loop keeps equal to the unfinished rows.
+        """
+        if self.storage is None or self._pending is not None:
+            raise RuntimeError("enter_static needs a prefilled cache and no step in progress")
+        if self.scorer.needs_queries:
+            raise ValueError(f"static decoding supports scorers that need no attention queries, not {self.scorer.name!r}")
+        storage = self.storage
+        self._static_active = torch.tensor([not done for done in self.tracker.finished], device=storage.device)
+        self._static_step = Step(
+            input_ids=input_ids, hidden_states=None, slots=storage.physical_len.view(-1, 1),
+            positions=torch.full((storage.batch_size, 1), self.logical_len, dtype=torch.long, device=storage.device),
+            stored_count=self._static_active.long(), key_len=storage.physical_len + 1,
+            key_start=torch.zeros(storage.batch_size, dtype=torch.long, device=storage.device),
+        )
+        self.static = True
+        return self._static_active
+
+    def static_lengths(self) -> torch.Tensor:
+        """Device-only start of a static step: each row's attention length (its held tokens plus the new one)."""
+        key_len = self._static_step.key_len
+        key_len.copy_(self.storage.physical_len + 1)
+        return key_len
+
+    def exit_static(self) -> None:
+        self.static = False
+        self._static_step = None
+
+    def static_commit(self, hidden_states: torch.Tensor | None) -> None:
+        """Device-only end of a static step: slot positions, scorer observation, physical lengths."""
+        step, storage, active = self._static_step, self.storage, self._static_active
+        step.hidden_states = hidden_states if self.scorer.needs_hidden_states else None
+        step.stored_count.copy_(active)
+        index = step.slots.view(1, -1, 1, 1).expand(storage.layers_g, -1, storage.heads_g, 1)
+        held = torch.where(active.view(-1, 1), step.positions, torch.full_like(step.positions, -1))
+        storage.positions.scatter_(3, index, held.view(1, -1, 1, 1).expand_as(index))
+        self.scorer.on_step(step)
+        storage.physical_len += active
+        step.positions += 1
+
+    def static_advance(self, fed_tokens: list[list[int]]) -> bool:
+        """Host side of a static step that fed ``fed_tokens``: lengths, tracker, compaction, stats.
+
+        Returns True when the set of active rows changed (the loop must refresh the device mask).
+        """
+        storage, tracker = self.storage, self.tracker
+        before = list(tracker.finished)
+        for row, done in enumerate(before):
+            storage.physical_len_host[row] += 0 if done else 1
+        tracker.advance(fed_tokens, 1, prefill=False)
+        full = [row for row, length in enumerate(storage.physical_len_host) if length >= self._trigger[row]]
+        if full:
+            self._compact(full)
+        storage.ensure_capacity(self.max_physical_len + 1)  # a growth re-captures the decoder's graph
+        self._record_stats()
+        if tracker.finished != before:
+            self._static_active.copy_(torch.tensor([not done for done in tracker.finished]))
+            return True
+        return False
 
     # ------------------------------------------------------------------ introspection
     def attention_mask(self, num_new: int, dtype: torch.dtype) -> torch.Tensor:

@@ -132,6 +132,10 @@ class KVStorage:
             self.keys[layer, :, :, first : first + num_new] = key_states
             self.values[layer, :, :, first : first + num_new] = value_states
             return
+        self.write_rows(layer, key_states, value_states, slots)
+
+    def write_rows(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, slots: torch.Tensor) -> None:
+        """``write`` without looking at host lengths (device indices only: safe inside a CUDA graph)."""
         rows = torch.arange(self.batch_size, device=self.device).view(-1, 1)
         self.keys[layer][rows, :, slots] = key_states.transpose(1, 2)
         self.values[layer][rows, :, slots] = value_states.transpose(1, 2)

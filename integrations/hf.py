@@ -221,7 +221,7 @@ class DynTSCache(Cache):
 
 def _before_forward(ref: weakref.ref, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache:
+    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.static:
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
@@ -246,7 +246,7 @@ def _before_forward(ref: weakref.ref, args: tuple, kwargs: dict) -> tuple[tuple,
 
 def _after_forward(ref: weakref.ref, kwargs: dict, output: Any) -> None:
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache:
+    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.static:
         return
     cache._in_forward = False
     cache._queries.clear()

@@ -1,0 +1,92 @@
+"""The fast path (StaticDecoder: fixed-shape steps, CUDA graph on GPU) against the plain DynTSCache generate path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from dynts import CompressionConfig, DynTSCache
+from dynts.integrations.hf_static import StaticDecoder
+from dynts.scorers import ExternalScorer
+from tiny_models import left_padded_batch, tiny_model
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                   reason="CUDA not available: the CUDA-graph + Triton path runs on the GPU machine")),
+]
+
+
+def _scorer(model) -> ExternalScorer:
+    """A fixed random projection of the hidden state: deterministic scores that differ per token."""
+    direction = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(model.device)
+    return ExternalScorer(lambda hidden, ids: hidden.float() @ direction)
+
+
+def _models(device: str, dtype: torch.dtype):
+    model = tiny_model("llama", "sdpa", layers=2).to(device=device, dtype=dtype)
+    ids, mask = left_padded_batch([19, 7, 12], seed=2)
+    return model, ids.to(device), mask.to(device)
+
+
+class _Logits(LogitsProcessor):
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.clone())
+        return scores
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_path_matches_plain_path_greedy_fp32(device: str) -> None:
+    model, ids, mask = _models(device, torch.float32)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(5,))
+    new_tokens = 90
+    plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=new_tokens,
+                           do_sample=False, eos_token_id=2, pad_token_id=0)
+    fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    fast = StaticDecoder(model, fast_cache).generate(ids, attention_mask=mask, max_new_tokens=new_tokens)
+    assert plain_cache.stats.evictions >= 6
+    assert torch.equal(fast[:, : plain.shape[1]], plain)
+    assert fast_cache.stats.physical_len_history == plain_cache.stats.physical_len_history
+    for layer in range(2):
+        for a, b in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
+    model, ids, mask = _models(device, torch.bfloat16)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5)
+    # Teacher-force the plain path's tokens through the fast path and compare the logits of every step.
+    recorder = _Logits()
+    plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
+    plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=60, do_sample=False,
+                           eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([recorder]))
+    fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
+    decoder = StaticDecoder(model, fast_cache)
+    forced = iter(plain[:, ids.shape[1]:].T.tolist())
+    fast_logits = []
+
+    def choose(logits):
+        fast_logits.append(logits.float().clone())
+        return torch.tensor(next(forced), device=logits.device)
+
+    decoder._choose = choose  # teacher forcing: feed exactly the plain path's tokens
+    decoder.generate(ids, attention_mask=mask, max_new_tokens=60)
+    assert len(fast_logits) == len(recorder.steps)
+    scale = max(float(step.float().abs().max()) for step in recorder.steps)
+    worst = max(float((a - b.float()).abs().max()) for a, b in zip(fast_logits, recorder.steps))
+    print(f"max |fast - plain| logit difference: {worst:.4f} (max |logit| {scale:.2f})")
+    # bf16 carries 8 significant bits: a few units of its epsilon (2**-7) of the logit scale.
+    assert worst <= 4 * 2**-7 * scale
+
+
+def test_static_path_rejects_query_scorers() -> None:
+    model, ids, mask = _models("cpu", torch.float32)
+    cache = DynTSCache(model, CompressionConfig(budget=32, window=8), scorer="h2o", eos_token_id=[])
+    with pytest.raises(ValueError, match="static decoding supports scorers that need no attention queries, not 'h2o'"):
+        StaticDecoder(model, cache).generate(ids, attention_mask=mask, max_new_tokens=4)
