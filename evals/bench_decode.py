@@ -73,7 +73,7 @@ def build_model(shape: Shape, device: str = "cuda") -> torch.nn.Module:
                 parameter.normal_(0.0, 0.02)
     # Buffers computed at construction (RoPE frequencies) were not materialised from meta: rebuild them.
     rotary = model.model.rotary_emb
-    model.model.rotary_emb = type(rotary)(config, device=device)
+    model.model.rotary_emb = type(rotary)(config).to(device)
     return model.eval()
 
 
@@ -136,10 +136,27 @@ def plain_step_ms(model: torch.nn.Module, shape: Shape, batch: int, kv_tokens: i
 
 def predictor_scorer(model: torch.nn.Module):
     """The learned Importance Predictor's scorer with a randomly initialised head (speed only)."""
-    from ..predictor import PredictorScorer, ImportancePredictor
+    from ..predictor import ImportancePredictor, PredictorScorer
 
-    head = ImportancePredictor.for_model(model).to(device=model.device, dtype=model.dtype)
-    return PredictorScorer(head)
+    return PredictorScorer(ImportancePredictor.for_model(model))
+
+
+@torch.no_grad()
+def predictor_ms(model: torch.nn.Module, batch: int, repeats: int = 200) -> float:
+    """Time of the predictor head on one step's hidden states (it runs inside the captured decode step, where the
+    cache's stopwatch cannot see it)."""
+    scorer = predictor_scorer(model)
+    head = scorer.head.to(model.device)
+    head.hidden_layers.to(model.dtype)
+    hidden = torch.randn(batch, 1, model.config.hidden_size, device=model.device, dtype=model.dtype)
+    for _ in range(10):
+        head(hidden)
+    _sync(model.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        head(hidden)
+    _sync(model.device)
+    return 1000 * (time.perf_counter() - start) / repeats
 
 
 @torch.no_grad()
@@ -197,6 +214,17 @@ def report(name: str, shape: Shape, batch: int, prompt_len: int, plain: dict, dy
             "dynts_over_roofline": dynts_ms / dynts_cost["roofline_ms"],
         })
     return rows
+
+
+def eviction_points(run: dict, prompt_len: int) -> list[dict]:
+    """At each step where the rows were compacted: the KV held right after it vs a full cache at that length."""
+    physical = run["physical_len"]
+    points = []
+    for step in range(1, len(physical)):
+        if physical[step] < physical[step - 1]:
+            logical = prompt_len + step + 1
+            points.append({"logical": logical, "held": physical[step], "kv_ratio": physical[step] / logical})
+    return points
 
 
 def print_table(rows: list[dict]) -> None:
@@ -264,11 +292,20 @@ def main(argv: list[str] | None = None) -> int:
             plain[point] = plain_step_ms(model, shape, args.batch_size, point)
             print(f"{name} plain HF at {point}: {plain[point][0]:.1f} ms/step", flush=True)
         run = dynts_run(model, shape, args.batch_size, args.steps, args.prompt_len, config)
+        run["predictor_ms_per_step"] = predictor_ms(model, args.batch_size)
         runs[name] = {k: v for k, v in run.items() if k not in ("step_seconds", "physical_len")}
         total = sum(run["step_seconds"])
-        print(f"{name} dynts: {args.steps} steps in {total:.1f} s, {run['evictions']} row compactions, "
-              f"scoring {run['scoring_seconds']:.2f} s + eviction {run['eviction_seconds']:.2f} s "
-              f"= {100 * (run['scoring_seconds'] + run['eviction_seconds']) / total:.2f}% of decode time", flush=True)
+        predictor_seconds = run["predictor_ms_per_step"] * len(run["step_seconds"]) / 1000
+        overhead = run["scoring_seconds"] + run["eviction_seconds"] + predictor_seconds
+        runs[name]["scoring_and_eviction_share"] = overhead / total
+        print(f"{name} dynts: {len(run['step_seconds'])} steps in {total:.1f} s, {run['evictions']} row compactions; "
+              f"compaction-time scoring {run['scoring_seconds']:.2f} s + eviction {run['eviction_seconds']:.2f} s + "
+              f"predictor {run['predictor_ms_per_step']:.3f} ms/step ({predictor_seconds:.2f} s) "
+              f"= {100 * overhead / total:.2f}% of decode time", flush=True)
+        runs[name]["eviction_points"] = eviction_points(run, args.prompt_len)
+        for point in runs[name]["eviction_points"]:
+            print(f"{name} eviction at logical {point['logical']}: holds {point['held']} tokens per row "
+                  f"= {point['kv_ratio']:.3f}x of a full cache", flush=True)
         rows = report(name, shape, args.batch_size, args.prompt_len, plain, run, bandwidth, weight_bytes, tuple(args.points))
         all_rows.extend(rows)
         (args.out / "bench_decode.json").write_text(json.dumps({"rows": all_rows, "runs": runs}, indent=1))

@@ -137,6 +137,8 @@ class DynTSCache(Cache):
             )
 
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if isinstance(layer_kwargs, dict):  # transformers < 5.19: one kwargs dict shared by every layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         layers: list[Any] = []
         self.storage_layer_of: dict[int, int] = {}
         for layer_idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):

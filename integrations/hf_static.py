@@ -19,6 +19,7 @@ here (use the HF ``generate`` path for them).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,8 +74,13 @@ class StaticDecoder:
         top_p: float = 1.0,
         pad_token_id: int = 0,
         generator: torch.Generator | None = None,
+        logits_callback: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Prompt plus up to ``max_new_tokens`` tokens per row ([rows, prompt + new]); finished rows get padding."""
+        """Prompt plus up to ``max_new_tokens`` tokens per row ([rows, prompt + new]); finished rows get padding.
+
+        ``logits_callback`` receives each step's next-token logits ([rows, vocab], the step's own buffer: copy
+        what you keep), the prefill's first.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         if do_sample and not (temperature > 0 and 0 < top_p <= 1):
@@ -90,7 +96,10 @@ class StaticDecoder:
 
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=self.cache, use_cache=True).last_hidden_state
-        self._ids = self._choose(self.lm_head(hidden[:, -1])).view(batch, 1)
+        self._logits = self.lm_head(hidden[:, -1])
+        if logits_callback is not None:
+            logits_callback(self._logits)
+        self._ids = self._choose(self._logits).view(batch, 1)
         self._position_ids = position_ids[:, -1:] + 1
         tokens = [self._ids.clone()]
         active = compressor.enter_static(self._ids)
@@ -108,6 +117,8 @@ class StaticDecoder:
                 else:
                     self._step()
                 next_ids = self._ids.tolist()
+                if logits_callback is not None:
+                    logits_callback(self._logits)
                 compressor.static_advance(fed)
                 tokens.append(torch.where(active.view(-1, 1), self._ids, torch.full_like(self._ids, pad_token_id)))
                 fed = next_ids
@@ -128,7 +139,8 @@ class StaticDecoder:
         hidden = self.decoder(input_ids=self._ids, position_ids=self._position_ids, past_key_values=self.cache,
                               use_cache=True, dynts_lengths=lengths).last_hidden_state
         compressor.static_commit(hidden)
-        self._ids.copy_(self._choose(self.lm_head(hidden[:, -1])).view(-1, 1))
+        self._logits = self.lm_head(hidden[:, -1])  # under capture: the graph's output buffer, refreshed by replays
+        self._ids.copy_(self._choose(self._logits).view(-1, 1))
         self._position_ids += 1
 
     def _replay(self) -> None:

@@ -59,15 +59,16 @@ def test_static_path_matches_plain_path_greedy_fp32(device: str) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
+    """bf16, teacher-forced on the plain path's tokens: every step's logits agree within bf16 precision. (Eager
+    static steps: forcing tokens needs a host copy per step, which a captured graph cannot take; the next test
+    shows the graph replays these very steps.)"""
     model, ids, mask = _models(device, torch.bfloat16)
     config = CompressionConfig(budget=48, window=8, keep_ratio=0.5)
-    # Teacher-force the plain path's tokens through the fast path and compare the logits of every step.
     recorder = _Logits()
     plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
     plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=60, do_sample=False,
                            eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([recorder]))
-    fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
-    decoder = StaticDecoder(model, fast_cache)
+    decoder = StaticDecoder(model, DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[]), use_cuda_graph=False)
     forced = iter(plain[:, ids.shape[1]:].T.tolist())
     fast_logits = []
 
@@ -75,14 +76,31 @@ def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
         fast_logits.append(logits.float().clone())
         return torch.tensor(next(forced), device=logits.device)
 
-    decoder._choose = choose  # teacher forcing: feed exactly the plain path's tokens
+    decoder._choose = choose
     decoder.generate(ids, attention_mask=mask, max_new_tokens=60)
-    assert len(fast_logits) == len(recorder.steps)
+    assert len(fast_logits) == len(recorder.steps) == 60
+    assert plain_cache.stats.evictions >= 5
     scale = max(float(step.float().abs().max()) for step in recorder.steps)
     worst = max(float((a - b.float()).abs().max()) for a, b in zip(fast_logits, recorder.steps))
     print(f"max |fast - plain| logit difference: {worst:.4f} (max |logit| {scale:.2f})")
     # bf16 carries 8 significant bits: a few units of its epsilon (2**-7) of the logit scale.
     assert worst <= 4 * 2**-7 * scale
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: CUDA graphs run on the GPU machine")
+def test_cuda_graph_replays_the_eager_static_steps_bf16() -> None:
+    model, ids, mask = _models("cuda", torch.bfloat16)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5)
+    runs = []
+    for use_graph in (False, True):
+        logits = []
+        cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
+        tokens = StaticDecoder(model, cache, use_cuda_graph=use_graph).generate(
+            ids, attention_mask=mask, max_new_tokens=60, logits_callback=lambda x: logits.append(x.float().clone()))
+        runs.append((tokens, torch.stack(logits), cache.stats.physical_len_history))
+    assert runs[1][2] == runs[0][2]
+    assert torch.equal(runs[1][0], runs[0][0])
+    torch.testing.assert_close(runs[1][1], runs[0][1], atol=1e-3, rtol=0)
 
 
 def test_static_path_rejects_query_scorers() -> None:
