@@ -152,3 +152,23 @@ def attention_scores_reference(
         if reduce_group == "mean":
             scores = scores / group
     return scores.masked_fill(~(slot.view(1, 1, slots) < key_len.view(batch, 1, 1)), 0.0)
+
+
+def decode_attention_reference(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """One decoding step's attention over each row's first ``lengths[b]`` cached slots (GQA, no padding mask).
+
+    queries: [batch, q_heads, dim]; keys: [batch, kv_heads, slots, dim]; values: [batch, kv_heads, slots, value_dim]
+    (strided views of the storage are fine); lengths: [batch] int64 >= 1. Returns [batch, q_heads, value_dim] in
+    the queries' dtype; softmax in fp32.
+    """
+    batch, q_heads, _ = queries.shape
+    kv_heads, slots = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    q = queries.float().view(batch, kv_heads, group, -1)
+    logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    valid = torch.arange(slots, device=keys.device).view(1, 1, 1, slots) < lengths.view(batch, 1, 1, 1)
+    probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+    out = torch.matmul(probs, values.float())  # [B, Hkv, G, Dv]
+    return out.reshape(batch, q_heads, -1).to(queries.dtype)

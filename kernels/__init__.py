@@ -1,0 +1,137 @@
+"""Kernels behind the cache storage: in-place compaction and attention-score accumulation.
+
+Each op has a torch reference (``reference.py``, the specification, also the CPU path). CUDA tensors take the
+Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``) when Triton is installed;
+``force_reference(True)`` or ``DYNTS_KERNELS=reference`` forces the torch path. Triton is imported only when a
+kernel first runs, so CPU installs without it import this package fine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+from .reference import REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_
+from .validation import check_compaction_args, check_paged_compaction_args
+
+__all__ = [
+    "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "force_reference", "uses_reference",
+]
+
+_force_reference = os.environ.get("DYNTS_KERNELS", "").lower() == "reference"
+_triton_installed = importlib.util.find_spec("triton") is not None
+
+# Longest query window one score-kernel call handles; longer windows (a prefill) are split into causal chunks.
+MAX_QUERY_CHUNK = 64
+
+
+def force_reference(enabled: bool = True) -> None:
+    """Route every op to its torch reference (True) or let CUDA tensors use the Triton kernels (False)."""
+    global _force_reference
+    _force_reference = enabled
+
+
+def uses_reference(tensor: torch.Tensor) -> bool:
+    """Whether an op on ``tensor`` runs the torch reference."""
+    return _force_reference or not tensor.is_cuda or not _triton_installed
+
+
+def compact_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
+    """In place: move each selected row's kept slots to the front. See ``reference.compact_reference_``.
+
+    All layers in one launch on the Triton path, any dtype (the int64 positions tensor too, as [.., slots, 1]).
+    Arguments are validated first (one device sync); bad ones raise ValueError.
+    """
+    rows, keep_index, keep_count = check_compaction_args(cache, rows, keep_index, keep_count)
+    if uses_reference(cache):
+        compact_reference_(cache, rows, keep_index, keep_count)
+    else:
+        from .compaction import compact_dense_
+
+        compact_dense_(cache, rows, keep_index, keep_count)
+
+
+def compact_paged_(
+    kv_caches: Sequence[torch.Tensor], block_table: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+) -> None:
+    """In place, paged KV caches (vLLM CUDA layout, one tensor per layer). See ``reference.compact_paged_reference_``.
+
+    All layers and both K and V in one launch on the Triton path. Arguments are validated first (one device sync).
+    """
+    block_table, keep_index, keep_count = check_paged_compaction_args(kv_caches, block_table, keep_index, keep_count)
+    if uses_reference(kv_caches[0]):
+        compact_paged_reference_(kv_caches, block_table, keep_index, keep_count)
+    else:
+        from .paged import compact_paged_ as compact_paged_triton_
+
+        compact_paged_triton_(kv_caches, block_table, keep_index, keep_count)
+
+
+def attention_scores(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    key_len: torch.Tensor,
+    *,
+    scale: float,
+    query_count: torch.Tensor | None = None,
+    key_start: torch.Tensor | None = None,
+    reduce_queries: str = "sum",
+    reduce_group: str = "sum",
+) -> torch.Tensor:
+    """Causal softmax attention of the newest queries over cached keys, reduced per key slot.
+
+    See ``reference.attention_scores_reference``. Windows longer than ``MAX_QUERY_CHUNK`` are processed in
+    causal chunks (sum and max are exact across chunks; mean divides the sum by the query count).
+    """
+    batch, _, window, _ = queries.shape
+    key_len = key_len.to(queries.device)
+    if query_count is None:
+        query_count = torch.full((batch,), window, dtype=torch.long, device=queries.device)
+    query_count = query_count.to(queries.device)
+    if window <= MAX_QUERY_CHUNK:
+        if uses_reference(queries):
+            score = attention_scores_reference
+        else:
+            from .attention_score_kernel import attention_scores_triton as score
+        return score(
+            queries, keys, key_len, scale=scale, query_count=query_count, key_start=key_start,
+            reduce_queries=reduce_queries, reduce_group=reduce_group,
+        )
+    chunk_reduce = "max" if reduce_queries == "max" else "sum"
+    if (chunk_reduce == "max") != (reduce_group == "max"):
+        # max over a GQA group does not commute with a sum over query chunks (and vice versa)
+        raise ValueError(
+            f"a query window of {window} (> {MAX_QUERY_CHUNK}) needs reduce_queries and reduce_group both 'max' or "
+            f"both 'sum'/'mean'; got {reduce_queries!r} and {reduce_group!r}"
+        )
+    total = None
+    for start in range(0, window, MAX_QUERY_CHUNK):
+        end = min(start + MAX_QUERY_CHUNK, window)
+        # The chunk's queries sit just before slot key_len - (window - end); later keys are invisible to them.
+        chunk_key_len = key_len - (window - end)
+        chunk_count = (query_count - (window - end)).clamp(0, end - start)
+        part = attention_scores(
+            queries[:, :, start:end], keys, chunk_key_len, scale=scale, query_count=chunk_count,
+            key_start=key_start, reduce_queries=chunk_reduce, reduce_group=reduce_group,
+        )
+        total = part if total is None else (torch.maximum(total, part) if chunk_reduce == "max" else total + part)
+    if reduce_queries == "mean":
+        total = total / query_count.clamp(min=1).view(batch, 1, 1).float()
+    return total
+
+
+def decode_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float
+) -> torch.Tensor:
+    """One decoding step's attention over each row's first ``lengths`` slots. See
+    ``reference.decode_attention_reference``. No host synchronisation: safe inside a captured CUDA graph."""
+    if uses_reference(queries):
+        from .reference import decode_attention_reference
+
+        return decode_attention_reference(queries, keys, values, lengths, scale=scale)
+    from .decode_attention_kernel import decode_attention as decode_attention_triton
+
+    return decode_attention_triton(queries, keys, values, lengths, scale=scale)

@@ -1,0 +1,105 @@
+"""Triton kernel: in-place compaction of a dense cache [layers, batch, heads, slots, dim], all layers in one launch.
+
+One program owns one (layer, row, head) and walks its keep list in ascending chunks of BLOCK_TOKENS. Why this is
+safe in place: kept slot indices are strictly increasing from >= 0, so keep_index[j] >= j; slot t is read only by
+lanes j <= t and written only by lane t. Chunks run in ascending order inside one program, and a barrier between
+a chunk's loads and its stores means that when lane t stores, every lane j <= t (this chunk or an earlier one)
+has already loaded. Lanes with keep_index[j] == j (the unchanged prefix, e.g. the prompt) move nothing.
+
+Any dtype Triton can load works, including the int64 positions tensor (dim 1): for small dims the chunk holds more
+tokens, so it is the same kernel, not a torch fallback.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements moved per chunk: 16 KiB in flight per program for 2-byte dtypes; at most 1024 tokens (the int64 index
+# math per token costs registers when the dim is small).
+CHUNK_ELEMENTS = 8192
+MAX_BLOCK_TOKENS = 1024
+
+
+@triton.jit
+def _compact_dense_kernel(
+    cache_ptr,
+    rows_ptr,
+    keep_index_ptr,
+    keep_count_ptr,
+    dim,
+    stride_cache_layer,
+    stride_cache_batch,
+    stride_cache_head,
+    stride_cache_slot,
+    stride_cache_dim,
+    stride_keep_layer,
+    stride_keep_row,
+    stride_keep_head,
+    stride_keep_slot,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_DIM: tl.constexpr,
+):
+    head = tl.program_id(0).to(tl.int64)
+    request = tl.program_id(1).to(tl.int64)
+    layer = tl.program_id(2).to(tl.int64)
+    row = tl.load(rows_ptr + request)
+    keep_count = tl.load(keep_count_ptr + request)
+    cache_base = cache_ptr + layer * stride_cache_layer + row * stride_cache_batch + head * stride_cache_head
+    keep_base = keep_index_ptr + layer * stride_keep_layer + request * stride_keep_row + head * stride_keep_head
+
+    token = tl.arange(0, BLOCK_TOKENS)
+    feature = tl.arange(0, BLOCK_DIM)
+    feature_mask = feature < dim
+    feature_offset = feature * stride_cache_dim
+    # The keep list is read one chunk ahead, so each chunk waits for one memory round trip, not two.
+    next_source = tl.load(keep_base + token * stride_keep_slot, mask=token < keep_count, other=0)
+    for chunk_start in range(0, keep_count, BLOCK_TOKENS):
+        destination = chunk_start + token
+        in_list = destination < keep_count
+        source = next_source
+        next_destination = destination + BLOCK_TOKENS
+        next_source = tl.load(
+            keep_base + next_destination * stride_keep_slot, mask=next_destination < keep_count, other=0
+        )
+        moves = in_list & (source != destination)
+        mask = moves[:, None] & feature_mask[None, :]
+        values = tl.load(cache_base + source[:, None] * stride_cache_slot + feature_offset[None, :], mask=mask)
+        # Every lane of this chunk (and of earlier chunks) has read before any lane overwrites a slot.
+        tl.debug_barrier()
+        tl.store(cache_base + destination[:, None] * stride_cache_slot + feature_offset[None, :], values, mask=mask)
+
+
+def compaction_blocks(dim: int, width: int, block_tokens: int | None = None) -> tuple[int, int]:
+    """(BLOCK_TOKENS, BLOCK_DIM) for a feature dim and a keep-list width."""
+    block_dim = triton.next_power_of_2(dim)
+    if block_tokens is None:
+        block_tokens = min(triton.next_power_of_2(max(width, 1)), max(CHUNK_ELEMENTS // block_dim, 1), MAX_BLOCK_TOKENS)
+    elif block_tokens < 1 or block_tokens & (block_tokens - 1):
+        raise ValueError(f"block_tokens must be a power of two >= 1, got {block_tokens}")
+    return block_tokens, block_dim
+
+
+def compact_dense_(
+    cache: torch.Tensor,
+    rows: torch.Tensor,
+    keep_index: torch.Tensor,
+    keep_count: torch.Tensor,
+    *,
+    block_tokens: int | None = None,
+    num_warps: int = 4,
+) -> None:
+    """Triton version of ``reference.compact_reference_`` (same arguments, already validated: see
+    ``validation.check_compaction_args``; rows, keep_index, keep_count int64 on the cache's device)."""
+    layers, _, heads, _, dim = cache.shape
+    row_count, width = rows.numel(), keep_index.shape[-1]
+    if row_count == 0 or width == 0:
+        return
+    keep = keep_index.expand(layers, row_count, heads, width)  # broadcast dims get stride 0
+    block_tokens, block_dim = compaction_blocks(dim, width, block_tokens)
+    _compact_dense_kernel[(heads, row_count, layers)](
+        cache, rows, keep, keep_count, dim,
+        *cache.stride(), *keep.stride(),
+        BLOCK_TOKENS=block_tokens, BLOCK_DIM=block_dim, num_warps=num_warps,
+    )
