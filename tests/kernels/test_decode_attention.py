@@ -1,0 +1,47 @@
+"""Triton ragged flash-decoding kernel against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts[triton]')")
+
+from kernel_cases import pick  # noqa: E402
+
+from dynts.kernels.decode_attention_kernel import SPLIT, decode_attention  # noqa: E402
+from dynts.kernels.reference import decode_attention_reference  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "group, dim, dtype",
+    [(1, 64, torch.float32), (4, 128, torch.bfloat16), (7, 96, torch.float16), (8, 64, torch.bfloat16),
+     (4, 64, torch.float16), (8, 128, torch.float32)],
+)
+def test_decode_attention_matches_reference(device: str, group: int, dim: int, dtype: torch.dtype) -> None:
+    generator = torch.Generator().manual_seed(group * 1000 + dim)
+    batch, kv_heads = 3, pick(device, 2, 8)
+    capacity = pick(device, SPLIT + 77, 5 * SPLIT + 13)  # not a multiple of the split or the block
+    # A strided view into a larger storage, as the cache passes it: [rows, heads, capacity + headroom, dim][..., :capacity].
+    storage_k = torch.randn(batch, kv_heads, capacity + 9, dim, generator=generator).to(device=device, dtype=dtype)
+    storage_v = torch.randn(batch, kv_heads, capacity + 9, dim, generator=generator).to(device=device, dtype=dtype)
+    keys, values = storage_k[:, :, :capacity], storage_v[:, :, :capacity]
+    queries = torch.randn(batch, kv_heads * group, dim, generator=generator).to(device=device, dtype=dtype)
+    lengths = torch.tensor([capacity, 1, SPLIT + 1], device=device)  # full, a single slot, one slot past a split
+    got = decode_attention(queries, keys, values, lengths, scale=dim**-0.5)
+    want = decode_attention_reference(queries, keys, values, lengths, scale=dim**-0.5)
+    assert got.shape == (batch, kv_heads * group, dim) and got.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    # Slots past a row's length are never read: poisoning them changes nothing.
+    storage_k[1, :, 1:] = float("nan")
+    storage_v[1, :, 1:] = float("nan")
+    again = decode_attention(queries, keys, values, lengths, scale=dim**-0.5)
+    assert torch.equal(again[1], got[1])
+
+
+def test_decode_attention_rejects_mismatched_heads(device: str) -> None:
+    queries = torch.randn(2, 6, 64, device=device)
+    keys = torch.randn(2, 4, 10, 64, device=device)
+    with pytest.raises(ValueError, match="do not match keys"):
+        decode_attention(queries, keys, keys, torch.tensor([3, 4], device=device), scale=0.125)
