@@ -56,10 +56,8 @@ class DenseCompressor:
         self._pending: _Pending | None = None
         self._sequence_start: torch.Tensor | None = None
         self._warned_overflow = False
-        # Per row, the physical length that triggers the next compaction: the budget, unless protected tokens
-        # overflowed the last one; then the row grows by the usual gap first (no compaction at every step).
+        # Per row, the physical length that triggers the next compaction (``CompressionConfig.next_trigger``).
         self._trigger: list[int] = []
-        self._gap = max(1, config.budget - config.compacted_length(config.budget))
         # Static decoding (see ``enter_static``): fixed-shape one-token steps, no host work inside a step.
         self.static = False
         self._static_step: Step | None = None
@@ -323,7 +321,7 @@ class DenseCompressor:
             plan = select_keep(scores, storage.physical_len[rows_t], protected, self.config)
             storage.compact(rows_t, plan.keep_index, plan.keep_count)
         for row, kept in zip(rows, plan.keep_count.tolist()):
-            self._trigger[row] = max(self.config.budget, kept + self._gap)
+            self._trigger[row] = self.config.next_trigger(kept)
         self._stats.evictions += len(rows)
         if not self._warned_overflow and bool(plan.overflow.any()):
             self._warned_overflow = True

@@ -72,6 +72,15 @@ class CompressionConfig:
         older = physical_len - window
         return window + max(self.kept_older(older), protected_older)
 
+    def next_trigger(self, kept: int) -> int:
+        """Physical length at which a row holding ``kept`` tokens right after a compaction is compacted again.
+
+        The budget, unless protected tokens overflowed the quota (``kept`` is then large): the row first grows by
+        the usual gap ``budget - compacted_length(budget)``, so it is not compacted at every step.
+        """
+        gap = max(1, self.budget - self.compacted_length(self.budget))
+        return max(self.budget, kept + gap)
+
     def validate_vocab(self, vocab_size: int) -> None:
         """Check that ``think_end`` ids exist in a vocabulary of ``vocab_size`` tokens."""
         if self.think_end is None:

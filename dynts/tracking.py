@@ -12,6 +12,18 @@ from collections.abc import Sequence
 NOT_YET = 2**62
 
 
+def find_marker(token_ids: Sequence[int], marker: Sequence[int], start: int = 0) -> int | None:
+    """Position of the first occurrence of ``marker`` in ``token_ids`` at or after ``start``, or None."""
+    marker = tuple(marker)
+    if not marker:
+        raise ValueError("marker must hold at least one token id")
+    ids = list(token_ids)
+    for position in range(start, len(ids) - len(marker) + 1):
+        if tuple(ids[position : position + len(marker)]) == marker:
+            return position
+    return None
+
+
 class SequenceTracker:
     """Logical positions are column indices of the batch's token matrix: with left padding, a row's first real
     token sits at ``sequence_start[row]`` = its number of pad tokens."""
@@ -56,9 +68,8 @@ class SequenceTracker:
     def _find_think_end(self, row: int, tokens: list[int], first: int) -> None:
         marker = self.think_end
         history = self._tail[row] + tokens
-        offset = first - len(self._tail[row])  # logical position of history[0]
-        for start in range(len(history) - len(marker) + 1):
-            if tuple(history[start : start + len(marker)]) == marker:
-                self.answer_start[row] = offset + start
-                return
+        found = find_marker(history, marker)
+        if found is not None:
+            self.answer_start[row] = first - len(self._tail[row]) + found  # history[0] is at that logical position
+            return
         self._tail[row] = history[-(len(marker) - 1):] if len(marker) > 1 else []

@@ -46,6 +46,12 @@ def test_kept_older_floors_without_float_error():
     assert config.compacted_length(16, protected_older=9) == 4 + 9
 
 
+def test_next_trigger_waits_for_the_usual_gap_after_an_overflow():
+    config = CompressionConfig(budget=16, window=4, keep_ratio=0.25)  # compacted length 4 + 3 = 7: gap 9
+    assert config.next_trigger(7) == 16
+    assert config.next_trigger(12) == 21
+
+
 def test_vocab_check():
     config = CompressionConfig(budget=16, window=4, think_end=(9, 10))
     config.validate_vocab(11)

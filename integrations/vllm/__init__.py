@@ -1,0 +1,158 @@
+"""dynts inside vLLM: token eviction with KV block reclamation, enabled per engine by a flag.
+
+    LLM(model, additional_config={"dynts": {"budget": 5000, "window": 2000, "keep_ratio": 0.3,
+                                            "scorer": "predictor", "predictor": "/path/to/ip-head"}})
+    vllm serve MODEL --additional-config '{"dynts": {...}}'
+
+``register`` is the ``vllm.general_plugins`` entry point; vLLM runs it in every process (front end, engine core,
+workers). It installs hooks that do nothing unless the engine's ``additional_config`` has a ``"dynts"`` object:
+without it vLLM behaves exactly as without the plugin.
+
+* config hook (front end): validates the settings and the engine features, turns off prefix caching and async
+  scheduling unless they were asked for (then it refuses them), installs ``DynTSScheduler``;
+* ``DynTSScheduler`` (engine core, ``scheduler.py``): decides compactions, frees tail blocks, allocates by
+  physical length;
+* model-runner hooks (workers, ``worker.py``): compaction inside the request's blocks, physical slots and lengths,
+  scoring of new tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from .settings import CONFIG_KEY, SCHEDULER_CLASS, DynTSSettings, check_engine
+
+__all__ = ["SUPPORTED_VLLM", "register", "unsupported_vllm"]
+
+# The vLLM releases whose internals the hooks were written against (scheduler, block manager, V1 model runner).
+SUPPORTED_VLLM = ">=0.32.0,<0.33"
+
+logger = logging.getLogger(__name__)
+_registered = False
+
+
+def register() -> None:
+    """Entry point: install the hooks (idempotent). On an unsupported vLLM only a hook that refuses the flag."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import vllm
+
+    reason = unsupported_vllm(vllm.__version__)
+    if reason is not None:
+        _install_config_hook(refuse=reason)
+        logger.warning("%s; the dynts flag is disabled", reason)
+        return
+    _install_config_hook(refuse=None)
+    _install_runner_hooks()
+
+
+def unsupported_vllm(version: str) -> str | None:
+    """Why this vLLM version cannot run the hooks, or None if it can (local version labels such as +cpu ignored)."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    if Version(Version(version).base_version) in SpecifierSet(SUPPORTED_VLLM):
+        return None
+    return f"dynts supports vLLM {SUPPORTED_VLLM}; this is vLLM {version}"
+
+
+def requested(additional_config: Any) -> bool:
+    return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
+
+
+def prepare_engine_config(vllm_config: Any) -> None:
+    """Validate the dynts settings against the engine config and install the dynts scheduler (no-op without them)."""
+    settings = DynTSSettings.from_additional_config(vllm_config.additional_config)
+    if settings is None:
+        return
+    check_engine(vllm_config, settings)
+    vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLASS
+
+
+def _install_config_hook(refuse: str | None) -> None:
+    from vllm.config import VllmConfig
+    from vllm.engine.arg_utils import EngineArgs
+
+    create_engine_config = EngineArgs.create_engine_config
+
+    @functools.wraps(create_engine_config)
+    def create_engine_config_with_dynts(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if refuse is None and requested(self.additional_config):
+            # Features eviction cannot run with are turned off unless the user asked for them (then: a clear error).
+            for feature in ("enable_prefix_caching", "async_scheduling"):
+                if getattr(self, feature) is None:
+                    setattr(self, feature, False)
+        vllm_config = create_engine_config(self, *args, **kwargs)
+        if refuse is not None and requested(vllm_config.additional_config):
+            raise ValueError(f"additional_config['{CONFIG_KEY}']: {refuse}")
+        prepare_engine_config(vllm_config)
+        return vllm_config
+
+    EngineArgs.create_engine_config = create_engine_config_with_dynts
+    if refuse is not None:
+        return
+
+    # Eviction is implemented for the V1 model runner: make vLLM pick it whenever the flag is on.
+    v2_unsupported = VllmConfig._get_v2_model_runner_unsupported_features
+
+    @functools.wraps(v2_unsupported)
+    def v2_unsupported_with_dynts(self: Any) -> list[str]:
+        features = v2_unsupported(self)
+        if requested(self.additional_config):
+            features.append("dynts KV eviction")
+        return features
+
+    VllmConfig._get_v2_model_runner_unsupported_features = v2_unsupported_with_dynts
+
+
+def _install_runner_hooks() -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from .worker import DynTSWorker
+
+    initialize_kv_cache = GPUModelRunner.initialize_kv_cache
+    execute_model = GPUModelRunner.execute_model
+    prepare_inputs = GPUModelRunner._prepare_inputs
+
+    @functools.wraps(initialize_kv_cache)
+    def initialize_kv_cache_with_dynts(
+        self: Any, kv_cache_config: Any, is_profiling: bool = False, *args: Any, **kwargs: Any
+    ) -> None:
+        initialize_kv_cache(self, kv_cache_config, is_profiling, *args, **kwargs)
+        self._dynts = None
+        settings = DynTSSettings.from_additional_config(self.vllm_config.additional_config)
+        if settings is None or is_profiling:
+            return
+        if self.vllm_config.scheduler_config.scheduler_cls != SCHEDULER_CLASS:
+            raise ValueError(
+                f"additional_config['{CONFIG_KEY}'] is set but the engine config was not prepared by the dynts plugin "
+                f"(scheduler_cls is {self.vllm_config.scheduler_config.scheduler_cls!r}, expected {SCHEDULER_CLASS!r}); "
+                "build engines through LLM(...), EngineArgs or vllm serve"
+            )
+        self._dynts = DynTSWorker(self, settings)
+
+    @functools.wraps(execute_model)
+    def execute_model_with_dynts(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        dynts = getattr(self, "_dynts", None)
+        if dynts is None:
+            return execute_model(self, scheduler_output, *args, **kwargs)
+        dynts.before_step(self, scheduler_output)
+        output = execute_model(self, scheduler_output, *args, **kwargs)
+        dynts.after_forward(self, scheduler_output)
+        return output
+
+    @functools.wraps(prepare_inputs)
+    def prepare_inputs_with_dynts(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        result = prepare_inputs(self, scheduler_output, *args, **kwargs)
+        dynts = getattr(self, "_dynts", None)
+        if dynts is not None:
+            dynts.fix_inputs(self, scheduler_output.total_num_scheduled_tokens)
+        return result
+
+    GPUModelRunner.initialize_kv_cache = initialize_kv_cache_with_dynts
+    GPUModelRunner.execute_model = execute_model_with_dynts
+    GPUModelRunner._prepare_inputs = prepare_inputs_with_dynts

@@ -1,0 +1,183 @@
+"""Engine side: when each request is compacted, and KV blocks that follow the physical length.
+
+``DynTSScheduler`` is installed as ``scheduler_cls`` by the plugin's config hook when an engine has
+``additional_config={"dynts": {...}}``. Before each step it compacts every running request whose prompt is computed
+and whose physical length (``num_computed_tokens - evicted``) reached its trigger (the budget; after a compaction
+whose protected tokens overflowed the keep quota, the kept length plus the usual gap, as in ``DenseCompressor``).
+The new length comes from ``CompressionConfig`` (window + kept share of the older tokens, never fewer than the
+protected ones), the blocks past it go back to the pool at once, and a ``Compaction`` command travels to the
+workers with the step: the same timing as HF, where a row is compacted right after the step that filled it.
+Block allocation follows the physical length (``_PhysicalLengthManager``). Preemption and finishing drop the
+request's state: a resumed request recomputes its tokens from scratch, like in plain vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.utils.math_utils import cdiv
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.request import Request
+
+from ...tracking import find_marker
+from .protocol import ATTRIBUTE, Compaction, StepPlan
+from .settings import DynTSSettings, check_engine
+
+
+@dataclass
+class _RequestState:
+    trigger: int  # the physical length that triggers the next compaction
+    evicted: int = 0
+    answer_start: int | None = None
+    searched_until: int = 0  # logical position up to which output tokens were searched for the think_end marker
+
+
+class _PhysicalLengthManager(FullAttentionManager):
+    """Full-attention block manager that sizes a request's blocks by its physical length.
+
+    The scheduler passes logical token counts (``num_computed_tokens`` + new tokens); a compacted request needs
+    slots only for what it still holds.
+    """
+
+    dynts_scheduler: "DynTSScheduler"
+
+    def get_num_blocks_to_allocate(
+        self,
+        request_id: str,
+        num_tokens: int,
+        new_computed_blocks: Any,
+        total_computed_tokens: int,
+        num_local_computed_tokens: int,
+        num_tokens_main_model: int,
+        apply_admission_cap: bool = False,
+        prefill_end: int = 0,
+    ) -> int:
+        evicted = self.dynts_scheduler.evicted(request_id)
+        return super().get_num_blocks_to_allocate(
+            request_id, num_tokens - evicted, new_computed_blocks, total_computed_tokens - evicted,
+            num_local_computed_tokens - evicted, num_tokens_main_model - evicted,
+            apply_admission_cap=apply_admission_cap, prefill_end=prefill_end,
+        )
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, num_tokens_main_model: int) -> list:
+        evicted = self.dynts_scheduler.evicted(request_id)
+        return super().allocate_new_blocks(request_id, num_tokens - evicted, num_tokens_main_model - evicted)
+
+    def free_tail(self, request_id: str, num_slots: int) -> int:
+        """Return the request's blocks past ``num_slots`` to the pool; returns how many were freed."""
+        blocks = self.req_to_blocks.get(request_id)
+        keep = cdiv(num_slots, self.block_size)
+        if not blocks or len(blocks) <= keep:
+            return 0
+        tail = blocks[keep:]
+        del blocks[keep:]
+        self.block_pool.free_blocks(reversed(tail))
+        return len(tail)
+
+
+class DynTSScheduler(Scheduler):
+    def __init__(self, vllm_config: Any, kv_cache_config: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        settings = DynTSSettings.from_additional_config(vllm_config.additional_config)
+        if settings is None:
+            raise ValueError("DynTSScheduler needs additional_config['dynts'] (it is installed by the dynts plugin)")
+        check_engine(vllm_config, settings)
+        self.dynts_settings = settings
+        self.dynts_config = settings.compression
+        self._dynts_requests: dict[str, _RequestState] = {}
+        self._dynts_compactions: dict[str, Compaction] = {}
+        self._dynts_preemptions = 0
+        self._dynts_manager = self._install_manager(kv_cache_config)
+
+    def _install_manager(self, kv_cache_config: Any) -> _PhysicalLengthManager:
+        groups = kv_cache_config.kv_cache_groups
+        managers = self.kv_cache_manager.coordinator.single_type_managers
+        full_attention_only = (
+            len(groups) == 1 and type(groups[0].kv_cache_spec) is FullAttentionSpec
+            and type(managers[0]) is FullAttentionManager
+        )
+        if not full_attention_only:
+            specs = [type(group.kv_cache_spec).__name__ for group in groups]
+            raise ValueError(
+                f"dynts KV eviction needs a model whose layers all use full attention (one FullAttentionSpec KV cache "
+                f"group); this model has {specs} (sliding-window, hybrid and MLA models are not supported yet)"
+            )
+        manager = managers[0]
+        manager.__class__ = _PhysicalLengthManager  # same state, allocation by physical length
+        manager.dynts_scheduler = self
+        return manager
+
+    # ------------------------------------------------------------------ queries
+    def evicted(self, request_id: str) -> int:
+        state = self._dynts_requests.get(request_id)
+        return 0 if state is None else state.evicted
+
+    # ------------------------------------------------------------------ scheduling
+    def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
+        self._dynts_compactions = {}
+        for request in self.running:
+            self._maybe_compact(request)
+        output = super().schedule(*args, **kwargs)
+        plan = StepPlan(
+            compactions=list(self._dynts_compactions.values()),
+            num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            num_running=len(self.running),
+            num_preemptions=self._dynts_preemptions,
+        )
+        setattr(output, ATTRIBUTE, plan)
+        return output
+
+    def _maybe_compact(self, request: Request) -> None:
+        config = self.dynts_config
+        logical_len = request.num_computed_tokens
+        if logical_len < request.num_prompt_tokens:
+            return  # the prompt is not fully computed yet: like HF, the first compaction follows the prefill
+        state = self._dynts_requests.get(request.request_id)
+        if state is None:
+            state = self._dynts_requests[request.request_id] = _RequestState(trigger=config.budget)
+        self._find_think_end(request, state, logical_len)
+        physical_len = logical_len - state.evicted
+        if physical_len < state.trigger:
+            return
+        window = min(config.window, physical_len)
+        older_end = logical_len - window  # the window is the newest `window` logical tokens, all resident
+        protected_older = 0  # protected tokens are never evicted, so every one of them is still resident
+        if config.protect_prompt:
+            protected_older += min(request.num_prompt_tokens, older_end)
+        if config.protect_answer and state.answer_start is not None:
+            protected_older += max(0, older_end - state.answer_start)
+        keep_count = config.compacted_length(physical_len, protected_older)
+        self._dynts_compactions[request.request_id] = Compaction(
+            req_id=request.request_id, logical_len=logical_len, physical_len=physical_len, keep_count=keep_count,
+            prompt_end=request.num_prompt_tokens, answer_start=state.answer_start,
+        )
+        state.evicted += physical_len - keep_count
+        # As DenseCompressor (HF): after protected tokens overflowed the quota, grow by the usual gap before the next
+        # compaction instead of compacting at every step.
+        state.trigger = config.next_trigger(keep_count)
+        self._dynts_manager.free_tail(request.request_id, keep_count)
+
+    def _find_think_end(self, request: Request, state: _RequestState, logical_len: int) -> None:
+        """Spot the end-of-thinking marker among the output tokens fed so far (never inside the prompt)."""
+        marker = self.dynts_config.think_end
+        if not marker or state.answer_start is not None:
+            return
+        start = max(request.num_prompt_tokens, state.searched_until - (len(marker) - 1))
+        found = find_marker(request.all_token_ids[start:logical_len], marker)
+        if found is not None:
+            state.answer_start = start + found
+        state.searched_until = logical_len
+
+    def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        self._dynts_preemptions += 1
+        super()._preempt_request(request, *args, **kwargs)
+
+    def _free_request_blocks(self, request: Request) -> None:
+        # Preemption and finishing (abort included) both free all blocks here: the request starts over if resumed.
+        self._dynts_requests.pop(request.request_id, None)
+        self._dynts_compactions.pop(request.request_id, None)
+        super()._free_request_blocks(request)
