@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--predictor", default=None, metavar="PATH",
+                        help="trained Importance Predictor head (dynts train-predictor); implies --scorer predictor")
     add_compression_arguments(parser)
 
 
@@ -62,7 +64,14 @@ def run(args: argparse.Namespace) -> int:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(args.device)
-    cache = DynTSCache(model, compression_config(args, tokenizer), scorer=args.scorer)
+    scorer = args.scorer
+    if args.scorer == "predictor" and args.predictor is None:
+        raise SystemExit("dynts generate: --scorer predictor needs --predictor PATH (a head from dynts train-predictor)")
+    if args.predictor:
+        from ..predictor import PredictorScorer
+
+        scorer = PredictorScorer(args.predictor, model=model)
+    cache = DynTSCache(model, compression_config(args, tokenizer), scorer=scorer)
     torch.manual_seed(args.seed)
     sampling = dict(do_sample=True, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k) if args.temperature > 0 else dict(do_sample=False)
     output = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens,

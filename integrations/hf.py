@@ -209,7 +209,7 @@ class DynTSCache(Cache):
 
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self, model: nn.Module, attention_modules: dict[int, nn.Module]) -> list[Any]:
-        decoder = _decoder_module(model)
+        decoder = decoder_module(model)
         ref = weakref.ref(self)
         handles = [
             decoder.register_forward_pre_hook(lambda m, a, k: _before_forward(ref, a, k), with_kwargs=True),
@@ -298,7 +298,7 @@ def _query_capture_hooks(ref: weakref.ref, layer_idx: int, attention: nn.Module)
     ]
 
 
-def _decoder_module(model: nn.Module) -> nn.Module:
+def decoder_module(model: nn.Module) -> nn.Module:
     """The module that takes ``past_key_values`` and returns the final-norm hidden states."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None:

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from .. import kernels
-from .hf import DynTSCache, _decoder_module
+from .hf import DynTSCache, decoder_module
 
 ATTENTION_NAME = "dynts_decode"
 
@@ -53,7 +53,7 @@ class StaticDecoder:
         if not isinstance(cache, DynTSCache):
             raise TypeError(f"cache must be a DynTSCache, got {type(cache).__name__}")
         self.model, self.cache = model, cache
-        self.decoder = _decoder_module(model)
+        self.decoder = decoder_module(model)
         self.lm_head = model.get_output_embeddings()
         self.use_cuda_graph = use_cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -142,7 +142,8 @@ def test_external_score_shape_is_checked():
 
 
 def test_registry_and_argument_checks():
-    assert set(SCORERS) == {"external", "h2o", "snapkv", "rkv", "tova", "streamingllm", "sepllm", "window", "random"}
+    assert set(SCORERS) == {"external", "h2o", "snapkv", "rkv", "tova", "streamingllm", "sepllm", "window", "random",
+                            "predictor"}
     assert isinstance(get_scorer("snapkv", observation_window=4), SnapKVScorer)
     with pytest.raises(ValueError, match="unknown scorer 'h3o'; allowed:"):
         get_scorer("h3o")

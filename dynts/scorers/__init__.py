@@ -11,11 +11,12 @@ from .positional import RandomScorer, SepLLMScorer, StreamingLLMScorer, WindowSc
 from .rkv import RKVScorer
 from .snapkv import SnapKVScorer
 from .tova import TOVAScorer
+from ..predictor.scorer import PredictorScorer  # after .external: it subclasses ExternalScorer
 
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
     for cls in (ExternalScorer, H2OScorer, SnapKVScorer, RKVScorer, TOVAScorer, StreamingLLMScorer, SepLLMScorer,
-                WindowScorer, RandomScorer)
+                WindowScorer, RandomScorer, PredictorScorer)
 }
 
 
