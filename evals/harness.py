@@ -1,0 +1,595 @@
+"""``dynts eval``: accuracy and cost of KV-cache policies on reasoning datasets, with any local HF causal LM.
+
+For every method (the full cache, each attention scorer, the learned predictor, and on the synthetic task an
+oracle) and every budget it generates answers, grades them, and writes one JSON line per sample, per batch
+(timings and per-step statistics) and per (method, budget) summary:
+
+- pass@1 (mean over samples), pass@k (the unbiased estimator 1 - C(n-c, k) / C(n, k)), maj@k (a vote over the
+  extracted answers, grouped by mathematical equivalence);
+- tokens/s and latency of whole ``generate`` calls (prefill, decoding and every eviction included);
+- peak KV bytes: on CUDA from the allocator (``max_memory_allocated`` above the level before the call, so it
+  also counts activations); on CPU from the caches' own accounting (``kv_bytes_source`` says which);
+- per decoding step: seconds and KV bytes (physical rows for dynts, the padded rectangle for the full cache).
+
+    dynts eval --model bundled --dataset synthetic --limit 64 --budget-fraction 0.15,0.25,0.4
+    dynts eval --model /models/R1-Distill-Llama-8B --dataset aime24 --budget 5000 --window 2000 \\
+        --do-sample --samples 5 --methods full,h2o,dynts --predictor /heads/r1-llama
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .datasets import DATASETS, Sample, load_samples
+from .grading import get_grader, majority_answer
+
+FULL = "full"
+DYNTS = "dynts"
+ORACLE = "oracle"
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def attention_methods() -> list[str]:
+    """The baseline scorers of ``dynts.scorers``: all but those fed from outside (``external``, ``predictor``,
+    which is method ``dynts`` here)."""
+    from dynts.scorers import SCORERS
+
+    return sorted(name for name in SCORERS if name not in ("external", "predictor"))
+
+
+def all_methods() -> list[str]:
+    return [FULL, *attention_methods(), DYNTS, ORACLE]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings shared by every method of a run."""
+
+    max_new_tokens: int
+    do_sample: bool = False
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20
+    samples: int = 1
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples > 1 and not self.do_sample:
+            raise ValueError("samples > 1 needs do_sample=True (greedy decoding repeats the same answer)")
+        if self.do_sample and not (self.temperature > 0 and 0 < self.top_p <= 1 and self.top_k >= 0):
+            raise ValueError(
+                f"sampling needs temperature > 0, top_p in (0, 1], top_k >= 0; got {self.temperature}, {self.top_p}, {self.top_k}"
+            )
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One cell of the sweep: a method and, for compressed caches, its budget, window and keep ratio."""
+
+    method: str
+    budget: int | None = None
+    window: int | None = None
+    keep_ratio: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+
+
+@dataclass
+class BatchOutcome:
+    completions: list[str]
+    new_tokens: list[int]
+    finished: list[bool]
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+class StepClock:
+    """A stopping criterion that never stops: it timestamps every decoding step and reads the allocator."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.allocated: list[int] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.allocated.append(torch.cuda.memory_allocated(self.device))
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def kv_bytes_per_token(model: Any, dtype: torch.dtype) -> int:
+    """K/V bytes of one token over the model's full-attention layers (for the full cache's accounting)."""
+    config = model.config.get_text_config(decoder=True)
+    layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
+    layers = sum(1 for kind in layer_types if kind == "full_attention")
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+def build_prompts(tokenizer: Any, samples: list[Sample], chat_template: bool) -> tuple[list[str], bool]:
+    """Prompt texts, and whether the tokenizer must add its special tokens (False when a chat template did)."""
+    if samples and samples[0].grader == "synthetic":
+        return [sample.question for sample in samples], True
+    texts = []
+    for sample in samples:
+        content = sample.question if sample.grader == "choice" else f"{sample.question}\n\n{MATH_INSTRUCTION}"
+        if chat_template:
+            texts.append(
+                tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+            )
+        else:
+            texts.append(content)
+    return texts, not chat_template
+
+
+# The synthetic task's lines end with "|" (before each state) and ":" (before each computation).
+SYNTHETIC_SEPARATORS = (":", "|")
+
+
+def scorer_factory(method: str, tokenizer: Any, predictor: Any, synthetic: bool) -> Any:
+    """A function returning a fresh scorer (a cache binds its scorer) for ``method``; None for the full cache."""
+    if method == FULL:
+        return None
+    if method == DYNTS:
+        if predictor is None:
+            raise ValueError("method 'dynts' needs a trained importance predictor (--predictor PATH)")
+        return predictor
+    if method == ORACLE:
+        from .synthetic_task import oracle_scorer
+
+        return oracle_scorer
+    if method == "sepllm":
+        from dynts.scorers.positional import SEPARATOR_TEXTS, SepLLMScorer
+
+        separator_ids = SepLLMScorer.from_tokenizer(tokenizer, SYNTHETIC_SEPARATORS if synthetic else SEPARATOR_TEXTS).separator_ids
+        return lambda: SepLLMScorer(separator_ids)
+    from dynts.scorers import get_scorer
+
+    return lambda: get_scorer(method)
+
+
+def make_cache(model: Any, setting: Setting, think_end: tuple[int, ...] | None, new_scorer: Any) -> Any:
+    """The ``past_key_values`` for one batch: None (HF's dynamic cache) for the full cache, else a DynTSCache."""
+    if setting.method == FULL:
+        return None
+    from dynts import CompressionConfig, DynTSCache
+
+    config = CompressionConfig(
+        budget=setting.budget, window=setting.window, keep_ratio=setting.keep_ratio, think_end=think_end,
+        protect_answer=think_end is not None,
+    )
+    return DynTSCache(model, config, scorer=new_scorer())
+
+
+@torch.no_grad()
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: list[str], add_special_tokens: bool, setting: Setting,
+    sampling: Sampling, think_end: tuple[int, ...] | None, new_scorer: Any, seed: int,
+) -> BatchOutcome:
+    """Generate one batch with the setting's cache; time it and account its KV memory per step."""
+    from transformers import StoppingCriteriaList
+
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
+    cache = make_cache(model, setting, think_end, new_scorer)
+    clock = StepClock(device)
+    kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}
+    if sampling.do_sample:
+        kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        baseline = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    output = model.generate(
+        **inputs, stopping_criteria=StoppingCriteriaList([clock]), pad_token_id=tokenizer.pad_token_id, **kwargs
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+
+    prompt_len = inputs["input_ids"].shape[1]
+    generated = output[:, prompt_len:]
+    eos = _eos_ids(model, tokenizer)
+    new_tokens, finished = [], []
+    for row in generated.tolist():
+        stop = next((index for index, token in enumerate(row) if token in eos), None)
+        finished.append(stop is not None)
+        new_tokens.append(len(row) if stop is None else stop + 1)
+    completions = tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+    step_seconds = [b - a for a, b in zip([start] + clock.times[:-1], clock.times)]
+    record: dict[str, Any] = {
+        "rows": len(prompts),
+        "prompt_tokens": prompt_len,
+        "seconds": seconds,
+        "new_tokens": sum(new_tokens),
+        "tokens_per_second": sum(new_tokens) / seconds,
+        "steps": len(clock.times),
+        "ms_per_step": 1000 * seconds / max(1, len(clock.times)),
+        "step_seconds": [round(value, 6) for value in step_seconds],
+    }
+    if device.type == "cuda":
+        record["kv_bytes_source"] = "allocator"
+        record["peak_kv_bytes"] = torch.cuda.max_memory_allocated(device) - baseline
+        record["step_kv_bytes"] = [value - baseline for value in clock.allocated]
+    else:
+        record["kv_bytes_source"] = "cache_accounting"
+        if cache is None:
+            per_token = kv_bytes_per_token(model, next(model.parameters()).dtype)
+            # After decoding step s (1-based) the dynamic cache holds prompt_len + s - 1 tokens per row.
+            record["step_kv_bytes"] = [len(prompts) * (prompt_len + step) * per_token for step in range(len(clock.times))]
+            record["peak_kv_bytes"] = max(record["step_kv_bytes"], default=0)
+    if cache is not None:
+        stats = cache.stats
+        record.update(
+            evictions=stats.evictions,
+            scoring_seconds=stats.scoring_seconds,
+            eviction_seconds=stats.eviction_seconds,
+            cache_peak_resident_kv_bytes=stats.peak_resident_kv_bytes,
+            step_physical_len=[sum(lengths) for lengths in stats.physical_len_history],
+        )
+        if device.type != "cuda":
+            per_token = cache.compressor.storage.bytes_per_token
+            # physical_len_history has one entry per forward pass, and each pass yields one decoding step.
+            record["step_kv_bytes"] = [total * per_token for total in record["step_physical_len"]]
+            record["peak_kv_bytes"] = stats.peak_resident_kv_bytes
+        cache.detach()
+    return BatchOutcome(completions, new_tokens, finished, record)
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased pass@k from ``samples`` draws of which ``correct`` are right (Chen et al., 2021)."""
+    if not 0 <= correct <= samples or not 1 <= k <= samples:
+        raise ValueError(f"need 0 <= correct <= samples and 1 <= k <= samples, got n={samples} c={correct} k={k}")
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[str, Any]], grader: Any,
+              samples_per_problem: int) -> dict[str, Any]:
+    """Aggregate the sample and batch records of one setting."""
+    by_problem: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_problem[row["id"]].append(row)
+    n = samples_per_problem
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64) if k <= n} | {n})
+    pass_k = {str(k): statistics.mean(pass_at_k(n, sum(r["correct"] for r in group), k) for group in by_problem.values()) for k in ks}
+    majority_correct = []
+    for group in by_problem.values():
+        answers = [r["_extracted"] for r in group]
+        winner = majority_answer(grader, answers)
+        majority_correct.append(winner is not None and grader.is_correct(winner, group[0]["_reference"]))
+    seconds = sum(b["seconds"] for b in batches)
+    summary = {
+        "type": "summary",
+        "method": setting.method,
+        "budget": setting.budget,
+        "window": setting.window,
+        "keep_ratio": setting.keep_ratio,
+        "problems": len(by_problem),
+        "samples": n,
+        "pass@1": pass_k["1"],
+        "pass@k": pass_k,
+        f"maj@{n}": statistics.mean(majority_correct),
+        "tokens_per_second": sum(b["new_tokens"] for b in batches) / seconds,
+        "latency_s_per_batch": seconds / len(batches),
+        "ms_per_step": statistics.mean(b["ms_per_step"] for b in batches),
+        "peak_kv_bytes": max((b.get("peak_kv_bytes", 0) for b in batches), default=0),
+        "kv_bytes_source": batches[0].get("kv_bytes_source"),
+        "mean_new_tokens": statistics.mean(r["new_tokens"] for r in rows),
+        "finished_rate": statistics.mean(r["finished"] for r in rows),
+    }
+    if setting.method != FULL:
+        summary["evictions"] = sum(b.get("evictions", 0) for b in batches)
+        summary["eviction_seconds"] = sum(b.get("eviction_seconds", 0.0) for b in batches)
+        summary["scoring_seconds"] = sum(b.get("scoring_seconds", 0.0) for b in batches)
+    return summary
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    samples: list[Sample],
+    settings: list[Setting],
+    sampling: Sampling,
+    *,
+    dataset: str,
+    out_file: Any = None,
+    chat_template: bool = False,
+    predictor: Any = None,
+    progress: bool = True,
+    save_completions: bool = True,
+) -> list[dict[str, Any]]:
+    """Run every setting over ``samples``; write JSON lines to ``out_file`` (if given); return the summaries."""
+    from tqdm.auto import tqdm
+
+    from dynts import resolve_think_end
+
+    grader = get_grader(samples[0].grader)
+    references = {sample.id: grader.parse_reference(sample.reference) for sample in samples}
+    try:
+        think_end: tuple[int, ...] | None = resolve_think_end(tokenizer)
+    except ValueError:
+        think_end = None
+        warnings.warn("the tokenizer has no </think> token: answer protection is off (the whole output is graded)", stacklevel=2)
+    prompts, add_special = build_prompts(tokenizer, samples, chat_template)
+    # Each prompt repeated once per sample, then cut into batches of sampling.batch_size rows.
+    rows_plan = [(sample, text, index) for sample, text in zip(samples, prompts) for index in range(sampling.samples)]
+    batches = [rows_plan[first : first + sampling.batch_size] for first in range(0, len(rows_plan), sampling.batch_size)]
+    summaries = []
+    bar = tqdm(total=len(settings) * len(batches), desc=dataset, disable=not progress, unit="batch")
+    for setting in settings:
+        bar.set_postfix_str(setting.label)
+        new_scorer = scorer_factory(setting.method, tokenizer, predictor, synthetic=grader.name == "synthetic")
+        rows, batch_records = [], []
+        for batch_index, batch in enumerate(batches):
+            outcome = generate_batch(
+                model, tokenizer, [text for _, text, _ in batch], add_special, setting, sampling, think_end,
+                new_scorer, seed=sampling.seed + batch_index,
+            )
+            record = {"type": "batch", "dataset": dataset, **asdict(setting), "batch": batch_index, **outcome.record}
+            batch_records.append(record)
+            _write(out_file, record)
+            for (sample, _, sample_index), completion, new_tokens, finished in zip(
+                batch, outcome.completions, outcome.new_tokens, outcome.finished
+            ):
+                extracted = grader.extract(completion)
+                correct = grader.is_correct(extracted, references[sample.id])
+                row = {
+                    "type": "sample", "dataset": dataset, **asdict(setting), "id": sample.id,
+                    "sample_index": sample_index, "correct": bool(correct), "extracted": grader.display(extracted),
+                    "reference": sample.reference, "new_tokens": new_tokens, "finished": finished,
+                }
+                if save_completions:
+                    row["completion"] = completion
+                _write(out_file, row)
+                rows.append({**row, "_extracted": extracted, "_reference": references[sample.id]})
+            bar.update(1)
+        summary = {"dataset": dataset, **summarize(setting, rows, batch_records, grader, sampling.samples)}
+        summaries.append(summary)
+        _write(out_file, summary)
+    bar.close()
+    return summaries
+
+
+def _write(out_file: Any, record: dict[str, Any]) -> None:
+    if out_file is not None:
+        out_file.write(json.dumps(record) + "\n")
+        out_file.flush()
+
+
+def format_table(summaries: Iterable[dict[str, Any]]) -> str:
+    """A plain-text table of summaries, one row per (method, budget)."""
+    header = ["method", "budget", "pass@1", "maj", "tok/s", "ms/step", "peak KV MB", "evictions"]
+    lines = [header]
+    for s in summaries:
+        majority = next(value for key, value in s.items() if key.startswith("maj@"))
+        lines.append([
+            s["method"], "-" if s["budget"] is None else str(s["budget"]), f"{s['pass@1']:.3f}", f"{majority:.3f}",
+            f"{s['tokens_per_second']:.0f}", f"{s['ms_per_step']:.1f}", f"{s['peak_kv_bytes'] / 1e6:.2f}",
+            str(s.get("evictions", "-")),
+        ])
+    widths = [max(len(row[column]) for row in lines) for column in range(len(header))]
+    text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in lines]
+    text.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from error
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+def _fraction_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+    if not values or not all(0 < value <= 1 for value in values):
+        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
+    return values
+
+
+def _step_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    if not (low.isdigit() and (high or low).isdigit()):
+        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}")
+    return int(low), int(high or low)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="bundled", help="path of a local HF causal LM, or 'bundled' (the tiny reasoner)")
+    parser.add_argument("--dataset", default="synthetic", choices=DATASETS)
+    parser.add_argument("--limit", type=int, default=None, help="first N problems (synthetic: N problems, default 100)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder of <dataset>.jsonl files (default: $DYNTS_DATA_DIR)")
+    parser.add_argument("--synthetic-steps", type=_step_range, default=None, help="synthetic: steps N or LOW-HIGH")
+    parser.add_argument("--synthetic-saves", type=int, default=None, help="synthetic: needed facts (saves)")
+    parser.add_argument("--synthetic-noise", type=int, default=None, help="synthetic: distractor level")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma-separated, from {all_methods()} (default: full, every attention scorer, and dynts "
+                             "when --predictor is given; oracle only on synthetic)")
+    parser.add_argument("--predictor", type=Path, default=None, help="trained importance predictor for method 'dynts'")
+    budgets = parser.add_mutually_exclusive_group()
+    budgets.add_argument("--budget", type=_int_list, default=None, help="KV budgets in tokens, comma-separated")
+    budgets.add_argument("--budget-fraction", type=_fraction_list, default=None,
+                         help="budgets as fractions of the mean thinking length (synthetic: of the reference traces; "
+                              "else: of the full cache's outputs, so 'full' must be among the methods)")
+    parser.add_argument("--window", type=int, default=None,
+                        help="recent tokens always kept (default: 64 on synthetic, budget // 3 otherwise)")
+    parser.add_argument("--keep-ratio", type=float, default=0.3)
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 16384 (synthetic: from the problems)")
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--temperature", type=float, default=0.6)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=20)
+    parser.add_argument("--samples", type=int, default=1, help="samples per problem (needs --do-sample when > 1)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows per generate call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap prompts in the tokenizer's chat template (default: when it has one; never on synthetic)")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="default: bfloat16 on cuda, float32 on cpu")
+    parser.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for results.jsonl and plots")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--save-completions", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+
+
+def load_model(name: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
+    """A local HF causal LM and its tokenizer (``bundled``: the package's tiny reasoner), in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .synthetic_task import bundled_reasoner_path
+
+    path = bundled_reasoner_path() if name == "bundled" else Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {name!r}: no such local model folder ({path}); pass a path or 'bundled'")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def load_predictor(path: Path | None, model: Any) -> Any:
+    """A factory of predictor scorers for method 'dynts' (one fresh scorer per cache), or None without a path."""
+    if path is None:
+        return None
+    from dynts.predictor import ImportancePredictor, PredictorScorer
+
+    head = ImportancePredictor.load(path, model=model)  # refuses a head trained for another model
+    return lambda: PredictorScorer(head, model=model)
+
+
+def resolve_settings(args: argparse.Namespace, samples: list[Sample], methods: list[str]) -> tuple[list[Setting], list[float] | None]:
+    """Settings in run order: the full cache first (its lengths size fractional budgets), then each method x budget."""
+    compressed = [method for method in methods if method != FULL]
+    settings = [Setting(FULL)] if FULL in methods else []
+    if compressed and args.budget is None and args.budget_fraction is None:
+        raise ValueError("compressed methods need --budget or --budget-fraction")
+    if args.budget_fraction is not None:
+        if args.dataset != "synthetic" and FULL not in methods:
+            raise ValueError("--budget-fraction on a real dataset needs 'full' among the methods (it sizes the budgets)")
+        return settings, args.budget_fraction
+    for budget in args.budget or []:
+        window = args.window if args.window is not None else (64 if args.dataset == "synthetic" else max(1, budget // 3))
+        settings += [Setting(method, budget, window, args.keep_ratio) for method in compressed]
+    return settings, None
+
+
+def run(args: argparse.Namespace) -> int:
+    methods = args.methods.split(",") if args.methods else [FULL, *attention_methods()] + ([DYNTS] if args.predictor else [])
+    unknown = [method for method in methods if method not in all_methods()]
+    if unknown:
+        raise SystemExit(f"--methods: unknown {unknown}; allowed: {all_methods()}")
+    if ORACLE in methods and args.dataset != "synthetic":
+        raise SystemExit("--methods: 'oracle' exists only for the synthetic dataset")
+    synthetic = None
+    if args.dataset == "synthetic":
+        from .synthetic_task import TaskConfig
+
+        defaults = TaskConfig()
+        synthetic = TaskConfig(
+            steps=args.synthetic_steps or defaults.steps,
+            saves=args.synthetic_saves or defaults.saves,
+            noise=defaults.noise if args.synthetic_noise is None else args.synthetic_noise,
+        )
+    samples = load_samples(args.dataset, data_dir=args.data_dir, limit=args.limit, synthetic=synthetic, seed=args.seed)
+    model, tokenizer = load_model(args.model, args.device, args.dtype)
+    predictor = load_predictor(args.predictor, model)
+    chat_template = bool(getattr(tokenizer, "chat_template", None)) if args.chat_template is None else args.chat_template
+    if args.dataset == "synthetic":
+        chat_template = False
+    max_new_tokens = args.max_new_tokens or (
+        max(sample.meta["completion_tokens"] for sample in samples) + 64 if args.dataset == "synthetic" else 16384
+    )
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+    )
+    settings, fractions = resolve_settings(args, samples, methods)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_path = args.out / "results.jsonl"
+    common = dict(dataset=args.dataset, chat_template=chat_template, predictor=predictor, progress=args.progress,
+                  save_completions=args.save_completions)
+    with open(results_path, "w") as out_file:
+        summaries = evaluate(model, tokenizer, samples, settings, sampling, out_file=out_file, **common) if settings else []
+        if fractions is not None:
+            mean_trace = mean_thinking_tokens(samples, results_path)
+            compressed = []
+            for fraction in fractions:
+                budget = max(2, round(fraction * mean_trace))
+                window = args.window if args.window is not None else (64 if args.dataset == "synthetic" else max(1, budget // 3))
+                if budget <= window:
+                    raise SystemExit(f"--budget-fraction {fraction}: budget {budget} is not above the window {window}; lower --window")
+                compressed += [Setting(m, budget, window, args.keep_ratio) for m in methods if m != FULL]
+            print(f"mean thinking length {mean_trace:.0f} tokens -> budgets {sorted({s.budget for s in compressed})}")
+            summaries += evaluate(model, tokenizer, samples, compressed, sampling, out_file=out_file, **common)
+    print(format_table(summaries))
+    print(f"results: {results_path}")
+    if args.plots:
+        from .plots import plot_results
+
+        for path in plot_results(results_path, args.out):
+            print(f"plot: {path}")
+    return 0
+
+
+def mean_thinking_tokens(samples: list[Sample], results_path: Path) -> float:
+    """Mean thinking length: the reference traces on synthetic, else the full cache's generated tokens."""
+    if samples[0].grader == "synthetic":
+        return statistics.mean(sample.meta["trace_length"] for sample in samples)
+    lengths = []
+    with open(results_path) as handle:
+        for line in handle:
+            record = json.loads(line)
+            if record.get("type") == "sample" and record["method"] == FULL:
+                lengths.append(record["new_tokens"])
+    if not lengths:
+        raise ValueError("no full-cache samples to size --budget-fraction from")
+    return statistics.mean(lengths)
