@@ -58,7 +58,7 @@ def test_an_ideal_scorer_keeps_full_cache_accuracy(results: dict[str, dict]) -> 
     assert results[ORACLE]["pass@1"] >= 0.95 * results[FULL]["pass@1"]
 
 
-@pytest.mark.skipif(not SHIPPED_PREDICTOR, reason="no importance predictor shipped with the bundled reasoner yet (issue 4)")
+@pytest.mark.skipif(not SHIPPED_PREDICTOR, reason="no importance predictor shipped with the bundled reasoner yet: it is trained once the reasoner survives eviction (retraining pending, issue 5)")
 def test_dynts_keeps_accuracy_and_beats_every_attention_baseline(results: dict[str, dict]) -> None:
     dynts = results[DYNTS]["pass@1"]
     assert dynts >= 0.95 * results[FULL]["pass@1"]
