@@ -90,7 +90,20 @@ class MathGrader:
         return None if extracted is None else str(extracted[-1])
 
 
-class SyntheticGrader:
+class _ExactMatch:
+    """Answers that are equal only when their strings are."""
+
+    def is_correct(self, extracted: str | None, reference: str) -> bool:
+        return extracted is not None and extracted == reference
+
+    def same_answer(self, first: str, second: str) -> bool:
+        return first == second
+
+    def display(self, extracted: str | None) -> str | None:
+        return extracted
+
+
+class SyntheticGrader(_ExactMatch):
     """The synthetic task: the saved digits listed after ``</think>``, compared exactly."""
 
     name = "synthetic"
@@ -103,15 +116,6 @@ class SyntheticGrader:
 
         return extract_answer(completion)
 
-    def is_correct(self, extracted: str | None, reference: str) -> bool:
-        return extracted is not None and extracted == reference
-
-    def same_answer(self, first: str, second: str) -> bool:
-        return first == second
-
-    def display(self, extracted: str | None) -> str | None:
-        return extracted
-
 
 _CHOICE_PATTERNS = (
     re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-D])\)?\s*\}?\s*\}"),
@@ -119,7 +123,7 @@ _CHOICE_PATTERNS = (
 )
 
 
-class ChoiceGrader:
+class ChoiceGrader(_ExactMatch):
     """Multiple choice (GPQA): the letter in the last ``\\boxed{X}``, else the last "answer is X" / "Answer: X"."""
 
     name = "choice"
@@ -137,15 +141,6 @@ class ChoiceGrader:
             if found:
                 return found[-1].upper()
         return None
-
-    def is_correct(self, extracted: str | None, reference: str) -> bool:
-        return extracted is not None and extracted == reference
-
-    def same_answer(self, first: str, second: str) -> bool:
-        return first == second
-
-    def display(self, extracted: str | None) -> str | None:
-        return extracted
 
 
 _GRADERS: dict[str, type] = {"math": MathGrader, "synthetic": SyntheticGrader, "choice": ChoiceGrader}

@@ -200,13 +200,6 @@ class DynTSCache(Cache):
         """Remove the hooks from the model now (they are also removed when the cache is garbage collected)."""
         _remove_hooks(self._hooks)
 
-    # ------------------------------------------------------------------ Cache API
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.compressor.logical_len
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
-        return self.compressor.max_physical_len + query_length, 0
-
     # ------------------------------------------------------------------ hooks
     def _install_hooks(self, model: nn.Module, attention_modules: dict[int, nn.Module]) -> list[Any]:
         decoder = decoder_module(model)

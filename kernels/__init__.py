@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .reference import REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_
+from .reference import (
+    REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, decode_attention_reference,
+)
 from .validation import check_compaction_args, check_paged_compaction_args
 
 __all__ = [
@@ -129,8 +131,6 @@ def decode_attention(
     """One decoding step's attention over each row's first ``lengths`` slots. See
     ``reference.decode_attention_reference``. No host synchronisation: safe inside a captured CUDA graph."""
     if uses_reference(queries):
-        from .reference import decode_attention_reference
-
         return decode_attention_reference(queries, keys, values, lengths, scale=scale)
     from .decode_attention_kernel import decode_attention as decode_attention_triton
 

@@ -10,7 +10,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from dynts import CompressionConfig, DynTSCache
 from dynts.scorers import Scorer
-from tiny_models import ARCHITECTURES, VOCAB, left_padded_batch, tiny_model
+from tiny_models import ARCHITECTURES, VOCAB, ForceToken, left_padded_batch, tiny_model
 
 # Generation never stops at EOS in these tests, so the caches are told there is no EOS either.
 GENERATE = dict(do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -223,20 +223,6 @@ def test_ragged_rows_evict_independently_and_finished_row_stops_growing() -> Non
 
 
 # ---------------------------------------------------------------------- exact kept set
-class ForceToken(LogitsProcessor):
-    """Makes every row emit ``token`` at generation step ``step``."""
-
-    def __init__(self, step: int, token: int) -> None:
-        self.step, self.token, self.calls = step, token, 0
-
-    def __call__(self, input_ids, scores):
-        if self.calls == self.step:
-            scores[:] = float("-inf")
-            scores[:, self.token] = 0.0
-        self.calls += 1
-        return scores
-
-
 @pytest.mark.parametrize("granularity", ["shared", "per_layer", "per_kv_head"])
 def test_prompt_and_answer_tokens_are_never_evicted(granularity: str) -> None:
     model = tiny_model("llama", "sdpa")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 from transformers import (
     LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM,
     Qwen3Config, Qwen3ForCausalLM,
@@ -48,3 +49,19 @@ def left_padded_batch(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, 
         ids[row, width - length:] = torch.randint(3, VOCAB, (length,), generator=generator)
         mask[row, width - length:] = 1
     return ids, mask
+
+
+class ForceToken(LogitsProcessor):
+    """Makes every row emit ``token`` at generation step ``step``; with ``only_then``, never at another step."""
+
+    def __init__(self, step: int, token: int, *, only_then: bool = False) -> None:
+        self.step, self.token, self.only_then, self.calls = step, token, only_then, 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.calls == self.step:
+            scores[:] = float("-inf")
+            scores[:, self.token] = 0.0
+        elif self.only_then:
+            scores[:, self.token] = float("-inf")
+        self.calls += 1
+        return scores

@@ -6,30 +6,14 @@ from __future__ import annotations
 import warnings
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
 from dynts import CompressionConfig, DynTSCache
 from dynts.integrations.hf import decoder_module
 from dynts.predictor import ImportancePredictor, PredictorScorer
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import ForceToken, left_padded_batch, tiny_model
 
 THINK_END = 5
-
-
-class MarkerAt(LogitsProcessor):
-    """Every row emits ``token`` at generation step ``step``, and never at another step."""
-
-    def __init__(self, step: int, token: int) -> None:
-        self.step, self.token, self.calls = step, token, 0
-
-    def __call__(self, input_ids, scores):
-        if self.calls == self.step:
-            scores[:] = float("-inf")
-            scores[:, self.token] = 0.0
-        else:
-            scores[:, self.token] = float("-inf")
-        self.calls += 1
-        return scores
 
 
 def _replay(config: CompressionConfig, head: ImportancePredictor, steps: list[torch.Tensor], row: int, pad: int,
@@ -84,7 +68,7 @@ def test_generate_keeps_exactly_protected_window_and_top_predicted() -> None:
             warnings.simplefilter("error", RuntimeWarning)  # a protected-overflow warning would fail the test
             model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, past_key_values=cache, do_sample=False,
                            eos_token_id=None, pad_token_id=0,
-                           logits_processor=LogitsProcessorList([MarkerAt(marker_step, THINK_END)]))
+                           logits_processor=LogitsProcessorList([ForceToken(marker_step, THINK_END, only_then=True)]))
     finally:
         handle.remove()
     assert cache.stats.evictions >= 2 * 6
