@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--batch-size", type=int, default=20)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=15100, help="forced dynts decode steps")
+    parser.add_argument("--steps", type=int, default=16000,
+                        help="forced dynts decode steps (16k, as in the DynTS paper: the last eviction cycle ends past 15k)")
     parser.add_argument("--points", type=int, nargs="+", default=list(POINTS))
     parser.add_argument("--budget", type=int, default=5000)
     parser.add_argument("--window", type=int, default=2000)

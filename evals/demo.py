@@ -1,6 +1,6 @@
 """``dynts demo``: the bundled tiny reasoner at a small KV budget, full cache vs dynts vs the attention baselines.
 
-Runs a few held-out synthetic problems (a register machine traced in ~750 thinking tokens, whose answer needs
+Runs a few held-out synthetic problems (a register machine traced in ~1,000 thinking tokens, whose answer needs
 values written hundreds of tokens earlier) with every method at one budget, prints the table and writes the
 plots (accuracy per method, throughput and KV memory per decoding step). A few minutes on 2 CPU cores.
 """
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     results_path = args.out / "results.jsonl"
     with open(results_path, "w") as out_file:
         summaries = evaluate(model, tokenizer, samples, settings, sampling, dataset="synthetic", out_file=out_file,
-                             progress=args.progress)
+                             predictor=predictor, progress=args.progress)
     print(format_table(summaries))
     records = read_results(results_path)
     plot_accuracy_by_method(summaries, args.out / "accuracy_by_method.png")

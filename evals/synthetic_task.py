@@ -4,22 +4,25 @@ A problem describes a tiny register machine; the solution is a long ``<think> ..
 it step by step, followed by an exactly checkable answer. Example (3 steps, 2 saves, noise 5)::
 
     prompt:  a 3 + b 7 - c 1 + n5 s1 t2 s2 t3 <think>
-    trace:   t1 a + b : 3 + 7 = 0 | a 0 b 7 c 1
-             wait 3 - 7 = 6 no check a 0 b 7 c 1 ok
-             t2 b - c : 7 - 1 = 6 | a 0 b 6 c 1 save 6 -> s1 6
+    trace:   next s1 t2
+             t1 a + b : 3 + 7 = 0 | a 0 b 7 c 1
+             wait 3 - 7 = 6 no check a 0 b 7 c 1 ok next s1 t2
+             t2 b - c : 7 - 1 = 6 | a 0 b 6 c 1 save 6 -> s1 6 next s2 t3
              t3 c + a : 1 + 0 = 1 | a 0 b 6 c 1 wait 1 - 0 = 1 no check a 0 b 6 c 1 ok save 1 -> s2 1
     answer:  </think> s1 6 s2 1
 
 Machine: three registers ``a b c`` hold digits; each has an operation (``+`` or ``-``, modulo 10). Step ``t``
 updates register ``i = (t - 1) mod 3`` with register ``i + 1 (mod 3)`` and writes the new state. The prompt
 lists the steps whose result is saved; save ``k >= 3`` adds save ``k - 2`` to the result, so the trace itself
-needs values written hundreds of tokens earlier, and the answer lists every save. The trace ends with the step
-of the last save.
+needs values written hundreds of tokens earlier, and the answer lists every save. After every step the trace
+restates the next save due (``next sK tN``, looked up in the prompt), so whether a step saves is decided from
+the last few dozen tokens and the prompt. The trace ends with the step of the last save.
 
 Token roles:
 - decision-critical: the save values (``-> sK v``) and their restatements (``+ sK v`` in a later save);
   they are needed long after they are written, by a later save or by the answer.
-- locally needed: the latest state line and step tag (the next step reads them; a local window keeps them).
+- locally needed: the latest state line, step tag and ``next`` pointer (the next step reads them; a local window
+  keeps them).
 - redundant: the ``wait ... no`` dead ends (the other operation, tried and rejected after every step whose
   result is below the noise level) and the ``check ... ok`` restatements of the state that follow them.
 
@@ -60,6 +63,7 @@ WORDS: tuple[str, ...] = (
     "check",
     "ok",
     "save",
+    "next",
     *[f"n{level}" for level in range(10)],
     *[f"s{index}" for index in range(1, MAX_SAVES + 1)],
     *[f"t{step}" for step in range(1, MAX_STEPS + 1)],
@@ -68,9 +72,9 @@ VOCAB: tuple[str, ...] = SPECIAL_TOKENS + WORDS
 
 # Seed of the held-out evaluation problems (the training script draws from other seeds).
 EVAL_SEED = 1_000_003
-# Defaults of the evaluation suite: about 750 thinking tokens per problem (the bundled reasoner's reliable range;
-# see dynts/assets/reasoner/TRAINING.md), long enough that a 25% budget leaves room beyond prompt and window.
-DEFAULT_STEPS = (28, 36)
+# Defaults of the evaluation suite: about 1,100 thinking tokens per problem (see dynts/assets/reasoner/TRAINING.md),
+# long enough that a 15% budget leaves room beyond prompt and window.
+DEFAULT_STEPS = (36, 44)
 DEFAULT_SAVES = 6
 DEFAULT_NOISE = 3
 
@@ -80,7 +84,7 @@ class TaskConfig:
     """Knobs of the generator.
 
     steps: number of machine steps, an int or an inclusive (low, high) range drawn per problem; the trace
-           has about 21 + 2 * noise tokens per step (750 tokens at 32 steps and noise 3, 3,500 at 160).
+           has about 24 + 2.8 * noise tokens per step (1,100 tokens at 40 steps and noise 3, 4,000 at 160).
     saves: how many results the answer needs (the needed facts), 1..MAX_SAVES; at most the number of steps.
     noise: distractor level 0..MAX_NOISE: after every step whose result is below ``noise`` the trace tries
            the other operation (a dead end) and re-checks the state.
@@ -147,7 +151,7 @@ def generate_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> P
         prompt_words += [f"s{index}", f"t{step}"]
     prompt_words.append(THINK_START)
 
-    words: list[str] = []
+    words: list[str] = ["next", "s1", f"t{save_steps[0]}"]
     critical: list[int] = []
     saved: list[int] = []
     dead_ends = 0
@@ -184,6 +188,8 @@ def generate_problem(rng: random.Random, config: TaskConfig = TaskConfig()) -> P
             critical.append(len(words))
             words.append(str(value))
             saved.append(value)
+        if step < steps:
+            words += ["next", f"s{len(saved) + 1}", f"t{save_steps[len(saved)]}"]
 
     words.append(THINK_END)
     for index, value in enumerate(saved, start=1):

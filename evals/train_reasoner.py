@@ -6,13 +6,14 @@ on CUDA, AdamW with warm-up and cosine decay, a fixed seed. At the end it saves 
 and tokenizer, reloads them in fp32 and measures full-cache greedy accuracy on held-out problems.
 
 The shipped model was built on one H100 with (the run used ``--steps auto``, which timed a probe and chose
-1411 steps; ``--steps 1411`` replays it):
+2060 steps; ``--steps 2060`` replays it):
 
-    python -m dynts.evals.train_reasoner --out dynts/assets/reasoner --seed 0 --steps 1411 \
-        --time-budget 270 --max-train-seconds 310 --eval-budget 130 --eval-batch 512 --workers 4
+    python -m dynts.evals.train_reasoner --out dynts/assets/reasoner --seed 0 --steps 2060 \
+        --augment 0.5 --augment-start 0.3 --eval-budget 70 --eval-batch 512 --workers 6 \
+        --proxy-problems 256 --proxy-every 1000
 
-``dynts/assets/reasoner/TRAINING.md`` has its log, its accuracies and the next run to make (``--augment``:
-training under eviction-like masking, so the model copes with evicted redundant tokens). This module and
+``--augment`` trains part of the batches under eviction-like key masking, so the model copes with evicted
+redundant tokens; ``dynts/assets/reasoner/TRAINING.md`` has the log and the accuracies. This module and
 ``synthetic_task.py`` import nothing else from dynts, so they run from a bare copy of the two files.
 """
 
@@ -61,7 +62,7 @@ class ModelShape:
     heads: int = 8
     kv_heads: int = 4
     intermediate_size: int = 512
-    max_positions: int = 4608
+    max_positions: int = 5120
 
 
 def build_model(shape: ModelShape, seed: int) -> Any:
@@ -99,7 +100,7 @@ class Augmentation:
     """
 
     fraction: float = 0.0
-    window: tuple[int, int] = (48, 96)
+    window: tuple[int, int] = (40, 192)
     keep_probability: tuple[float, float] = (0.0, 0.5)
     start_batch: int = 0  # batches before this index are never masked (learn the task first)
 
