@@ -15,6 +15,9 @@
    scoring and compaction, done every few hundred steps, are not in this figure). The LM head is left out (it
    is the same for all variants).
 Speed does not depend on weight values: weights and caches are random.
+
+fla's first call at each shape autotunes for a minute or more, so on a 10-minute GPU call run the parts (and
+``--ops``) in separate calls, e.g. ``--parts accuracy``, ``--parts prefill --ops gdn``, ``--parts decode,tpot``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from dynts.kernels.linear_attention import chunk as chunk_module
 from dynts.kernels.linear_attention import (
     chunk_gated_delta_rule,
     chunk_kda,
@@ -123,8 +127,9 @@ OPS = {
 }
 
 
-def accuracy(results: dict, fla: dict | None) -> None:
-    for name, (chunk, recurrent, naive, per_channel) in OPS.items():
+def accuracy(results: dict, fla: dict | None, ops: list[str]) -> None:
+    for name in ops:
+        chunk, recurrent, naive, per_channel = OPS[name]
         for tokens, cu_seqlens in ((1000, None), (700, [0, 300, 301, 700])):
             inputs = gated_inputs(per_channel, 1, tokens, heads=4, seed=tokens)
             sequences = 1 if cu_seqlens is None else len(cu_seqlens) - 1
@@ -151,8 +156,8 @@ def accuracy(results: dict, fla: dict | None) -> None:
             log(results, f"accuracy_{tag}", figures)
 
 
-def prefill(results: dict, fla: dict | None, lengths: list[int]) -> None:
-    for name in ("kda", "gdn"):
+def prefill(results: dict, fla: dict | None, lengths: list[int], ops: list[str]) -> None:
+    for name in ops:
         chunk, per_channel = OPS[name][0], OPS[name][3]
         for tokens in lengths:
             inputs = gated_inputs(per_channel, 1, tokens)
@@ -167,8 +172,8 @@ def prefill(results: dict, fla: dict | None, lengths: list[int]) -> None:
             torch.cuda.empty_cache()
 
 
-def decode(results: dict, fla: dict | None) -> None:
-    for name in ("kda", "gdn"):
+def decode(results: dict, fla: dict | None, ops: list[str]) -> None:
+    for name in ops:
         recurrent, per_channel = OPS[name][1], OPS[name][3]
         for batch in (1, 20):
             inputs = gated_inputs(per_channel, batch, 1)
@@ -290,22 +295,28 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
     parser.add_argument("--parts", default="accuracy,prefill,decode,tpot")
+    parser.add_argument("--ops", default="kda,gdn", help="ops for accuracy, prefill and decode: kda, gdn")
     parser.add_argument("--prefill-lengths", default="8192,16384,32768,65536")
     parser.add_argument("--contexts", default="4096,131072,524288,1048576")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers in the TPOT model (multiple of 4)")
     parser.add_argument("--budget", type=int, default=4096, help="tokens a dynts-compressed attention layer holds")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench_linear_attention needs a CUDA GPU")
     if args.layers < 4 or args.layers % 4:
         sys.exit(f"--layers must be a positive multiple of 4, got {args.layers}")
+    ops = args.ops.split(",")
+    if any(op not in OPS for op in ops):
+        sys.exit(f"--ops: allowed kda, gdn (comma-separated), got {args.ops!r}")
+    if not torch.cuda.is_available():
+        sys.exit("bench_linear_attention needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    log(results, "prefill_launch", {"intra_by_per_channel_gate": chunk_module.INTRA_LAUNCH,
+                                    "state": chunk_module.STATE_LAUNCH})
     fla = load_fla()
     parts = {
-        "accuracy": lambda: accuracy(results, fla),
-        "prefill": lambda: prefill(results, fla, [int(x) for x in args.prefill_lengths.split(",")]),
-        "decode": lambda: decode(results, fla),
+        "accuracy": lambda: accuracy(results, fla, ops),
+        "prefill": lambda: prefill(results, fla, [int(x) for x in args.prefill_lengths.split(",")], ops),
+        "decode": lambda: decode(results, fla, ops),
         "tpot": lambda: tpot(results, [int(x) for x in args.contexts.split(",")], args.layers, args.budget),
     }
     for part in args.parts.split(","):

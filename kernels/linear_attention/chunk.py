@@ -1,18 +1,26 @@
 """Chunked prefill for gated delta-rule attention (KDA: per-channel gate; GDN: per-head gate), forward only.
 
-Two Triton kernels, chunk size 64 split into four sub-blocks of 16 rows:
+Chunks of 64 tokens, two Triton kernels:
 
-1. ``_chunk_intra_kernel`` (one program per chunk and value head, all chunks in parallel). With G the in-chunk
-   cumulative gate (log2 space) it builds the strictly lower matrix A[s, r] = beta_s sum_i k_s,i k_r,i
-   2^(G_s,i - G_r,i) and the causal score matrix P[s, r] = scale sum_i q_s,i k_r,i 2^(G_s,i - G_r,i), inverts
-   (I + A) by forward substitution on the 16x16 diagonal blocks and block elimination across them (the UT
-   transform), and writes W = (I + A)^-1 Diag(beta) (2^G * K), U = (I + A)^-1 Diag(beta) V, Qg = scale q 2^G,
-   Kd = k 2^(G_end - G), P and the chunk decay 2^G_end.
-   Decay ratios are never formed as 2^G_s / 2^G_r (that overflows for strong gates): on the diagonal sub-blocks
-   each pair's exponent is computed exactly, off the diagonal both factors are taken relative to the first row
-   of the later sub-block, so each is <= 1.
-2. ``_chunk_inter_kernel`` (one program per sequence, value head and block of value channels) walks the chunks
-   in order with the float32 state S: U' = U - W S, O = Qg S + P U', S = Diag(2^G_end) S + Kd^T U'.
+1. ``_chunk_intra_kernel``, one program per chunk and value head, all chunks in parallel. With G the in-chunk
+   cumulative gate (log2 space) it forms the 64 x 64 matrices
+       A[s, r] = beta_s sum_i k_s,i k_r,i 2^(G_s,i - G_r,i)   (s > r)
+       P[s, r] = scale sum_i q_s,i k_r,i 2^(G_s,i - G_r,i)    (s >= r)
+   with tensor-core products, inverts (I + A) (the UT transform) and writes
+       W = (I + A)^-1 Diag(beta) (2^G * K),  U = (I + A)^-1 Diag(beta) V,
+       Qg = scale q 2^G,  Kd = k 2^(G_end - G),  gamma = 2^G_end  and P.
+2. ``_chunk_state_kernel``, one program per sequence, value head and block of value channels, walks the chunks
+   in order with the float32 state S in registers:
+       V' = U - W S,  O = Qg S + P V',  S = Diag(gamma) S + Kd^T V'.
+   Everything it reads per chunk was prepared by kernel 1, so the loads of the next chunk are independent of S
+   and are software-pipelined (``num_stages``) behind the current chunk's products.
+
+Precision (relative error against the naive recurrence, H100, docs/linear_attention_h100.log: output 0.0017,
+which is mostly the bf16 rounding of the output itself, final state 0.0016): fp32 state and accumulators; for
+16-bit inputs W, Qg and Kd are stored in the input dtype (outputs move by < 1e-4; Kd's rounding is most of the
+state's error) while U and P, whose rounding would cost ~0.2% of the output, stay fp32; products run on tf32
+tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), and S enters its
+products with W and Qg in the storage dtype.
 
 Variable-length batches: every sequence is cut into its own chunks (``cu_seqlens``); rows past a sequence's end
 are masked on load and store, so chunks never mix sequences.
@@ -24,290 +32,237 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import CHUNK_SIZE
+from .common import CHUNK_SIZE, interpreting
 
-INTER_BLOCK_V = 32
+LOG2_E = tl.constexpr(1.4426950408889634)
+# Kernel 1 factors a decay 2^(G_s - G_r) as 2^(G_s - G_mid) * 2^(G_mid - G_r) around the chunk's middle row so
+# that the 64 x 64 products run on tensor cores. Each factor stays within 2^(+-96) when the gate sums up to 32
+# tokens away from the middle stay within this many powers of two (so neither overflows fp32 nor loses a key
+# entry above 2^-30 to underflow); chunks with stronger gates take an exact column-by-column path.
+MAX_FACTORED_EXPONENT = tl.constexpr(96.0)
+# Launch shapes for 32 heads of 128 x 128 on an H100 (docs/linear_attention_h100.log). Kernel 1, by gate kind
+# (True: one gate per key channel): key/value channels per block, warps (4 ran faster than 8), and a register cap
+# so that three programs share a multiprocessor (uncapped the compiler takes 171-253 registers: two programs; the
+# cap spills < 64 bytes). Kernel 2: value channels per program (32: 128 programs for 32 heads on 132
+# multiprocessors; 16 and 64 ran slower), warps, pipeline stages (1 stage ran 2x slower, 3 no faster).
+INTRA_LAUNCH = {
+    True: {"block": 32, "num_warps": 4, "maxnreg": 168},
+    False: {"block": 32, "num_warps": 4, "maxnreg": 168},
+}
+STATE_LAUNCH = {"block_v": 32, "num_warps": 4, "num_stages": 2}
 
 
 @triton.jit
-def _load_sub_block(
-    q, k, g, beta, token0, valid, row0: tl.constexpr, h, hv, prefix,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr,
-):
-    rows = row0 + tl.arange(0, 16)
-    cols = tl.arange(0, BK)
-    row_ok = rows < valid
-    mask = row_ok[:, None] & (cols < K)[None, :]
-    token = token0 + rows.to(tl.int64)
-    qk_offset = (token * H + h)[:, None] * K + cols[None, :]
-    b_k = tl.load(k + qk_offset, mask=mask, other=0.0).to(tl.float32)
-    b_q = tl.load(q + qk_offset, mask=mask, other=0.0).to(tl.float32)
-    if L2NORM:
-        b_k = b_k * tl.rsqrt(tl.sum(b_k * b_k, 1) + 1e-6)[:, None]
-        b_q = b_q * tl.rsqrt(tl.sum(b_q * b_q, 1) + 1e-6)[:, None]
-    b_beta = tl.load(beta + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32)
-    if PER_CHANNEL:
-        b_g = tl.load(g + (token * HV + hv)[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b_g = b_g * 1.4426950408889634
-        b_G = prefix[None, :] + tl.cumsum(b_g, axis=0)
-        prefix = prefix + tl.sum(b_g, 0)
+def _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN: tl.constexpr):
+    """First token of chunk ``i_chunk`` and the token past the end of its sequence."""
+    if IS_VARLEN:
+        i_seq = tl.load(chunk_indices + 2 * i_chunk)
+        i_in_seq = tl.load(chunk_indices + 2 * i_chunk + 1)
+        bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
     else:
-        b_g = tl.load(g + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        b_G = prefix + tl.cumsum(b_g, axis=0)
-        prefix = prefix + tl.sum(b_g, 0)
-    return b_q, b_k, b_beta, b_G, prefix
+        chunks_per_sequence = tl.cdiv(T, 64)
+        i_seq = i_chunk // chunks_per_sequence
+        i_in_seq = i_chunk % chunks_per_sequence
+        bos = i_seq.to(tl.int64) * T
+        eos = bos + T
+    return bos + i_in_seq.to(tl.int64) * 64, eos
 
 
 @triton.jit
-def _diagonal_scores(b_q, b_k, b_G, PER_CHANNEL: tl.constexpr):
-    """Key-key and query-key decayed products within one sub-block (lower triangle incl. diagonal)."""
-    o = tl.arange(0, 16)
-    lower = o[:, None] >= o[None, :]
-    if PER_CHANNEL:
-        b_A = tl.zeros([16, 16], dtype=tl.float32)
-        b_P = tl.zeros([16, 16], dtype=tl.float32)
-        # Column by column: the exponent G_s - G_r is exact for every pair (no factorisation that could overflow).
-        for r in range(16):
-            pick = (o == r)[:, None]
+def _round_to_tf32(x):
+    """Round fp32 to the nearest tf32 value. Tensor cores truncate the 13 low mantissa bits of fp32 operands; the
+    bias adds up over the 64-term sums (relative output error 0.0025 instead of 0.0017 against the recurrence)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gated_scores(b_q, b_k, b_G, b_A, b_P, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """Add one block of key channels to A = sum_i k_s,i k_r,i 2^(G_s,i - G_r,i) and P (same with q_s), s >= r.
+
+    Entries above the diagonal are garbage (possibly inf): the caller masks them.
+    """
+    rows = tl.arange(0, 64)
+    G_mid = tl.sum(tl.where((rows == 32)[:, None], b_G, 0.0), 0)
+    relative = b_G - G_mid[None, :]
+    if tl.max(tl.abs(relative)) <= MAX_FACTORED_EXPONENT:
+        left = tl.exp2(relative)
+        left_k = b_k * left
+        left_q = b_q * left
+        right = b_k * tl.exp2(-relative)
+        if ROUND_TF32:
+            left_k = _round_to_tf32(left_k)
+            left_q = _round_to_tf32(left_q)
+            right = _round_to_tf32(right)
+        b_A += tl.dot(left_k, tl.trans(right), input_precision=DOT_PRECISION)
+        b_P += tl.dot(left_q, tl.trans(right), input_precision=DOT_PRECISION)
+    else:
+        # Strong gates: every pair's exponent is formed exactly, one key row r at a time.
+        for r in range(64):
+            pick = (rows == r)[:, None]
             k_r = tl.sum(tl.where(pick, b_k, 0.0), 0)
             G_r = tl.sum(tl.where(pick, b_G, 0.0), 0)
-            decay = tl.exp2(tl.where((o >= r)[:, None], b_G - G_r[None, :], float("-inf")))
-            k_decayed = decay * k_r[None, :]
-            column = (o == r)[None, :]
-            b_A = tl.where(column, tl.sum(b_k * k_decayed, 1)[:, None], b_A)
-            b_P = tl.where(column, tl.sum(b_q * k_decayed, 1)[:, None], b_P)
-    else:
-        decay = tl.exp2(tl.where(lower, b_G[:, None] - b_G[None, :], float("-inf")))
-        b_A = tl.dot(b_k, tl.trans(b_k), input_precision="tf32x3") * decay
-        b_P = tl.dot(b_q, tl.trans(b_k), input_precision="tf32x3") * decay
+            decayed = k_r[None, :] * tl.exp2(tl.where((rows >= r)[:, None], b_G - G_r[None, :], float("-inf")))
+            column = (rows == r)[None, :]
+            b_A = tl.where(column, b_A + tl.sum(b_k * decayed, 1)[:, None], b_A)
+            b_P = tl.where(column, b_P + tl.sum(b_q * decayed, 1)[:, None], b_P)
     return b_A, b_P
 
 
 @triton.jit
-def _later_factors(b_q, b_k, b_G, PER_CHANNEL: tl.constexpr):
-    """Row factors of sub-block i for its products with earlier sub-blocks, relative to i's first row (<= 1)."""
-    if PER_CHANNEL:
-        o = tl.arange(0, 16)
-        G_ref = tl.sum(tl.where((o == 0)[:, None], b_G, 0.0), 0)
-        relative = tl.exp2(b_G - G_ref[None, :])
-        return b_q * relative, b_k * relative, G_ref
-    else:
-        G_ref = tl.sum(tl.where(tl.arange(0, 16) == 0, b_G, 0.0), 0)
-        relative = tl.exp2(b_G - G_ref)
-        return b_q * relative[:, None], b_k * relative[:, None], G_ref
+def _unit_lower_inverse(b_A, DOT_PRECISION: tl.constexpr):
+    """(I + A)^-1 for a strictly lower triangular 64 x 64 A.
 
-
-@triton.jit
-def _off_diagonal_scores(left_q, left_k, G_ref, b_k_j, b_G_j, PER_CHANNEL: tl.constexpr):
-    """Products of a later sub-block (factors from ``_later_factors``) with an earlier one, j < i."""
-    if PER_CHANNEL:
-        right = b_k_j * tl.exp2(G_ref[None, :] - b_G_j)
-    else:
-        right = b_k_j * tl.exp2(G_ref - b_G_j)[:, None]
-    b_A = tl.dot(left_k, tl.trans(right), input_precision="tf32x3")
-    b_P = tl.dot(left_q, tl.trans(right), input_precision="tf32x3")
-    return b_A, b_P
-
-
-@triton.jit
-def _invert_unit_lower(b_A):
-    """(I + A)^-1 for a strictly lower 16x16 A, by forward substitution row by row."""
-    o = tl.arange(0, 16)
-    b_T = tl.where(o[:, None] == o[None, :], 1.0, 0.0)
+    The four 16 x 16 diagonal blocks B are inverted by forward substitution (all four at once); with N the part
+    of A below them, I + A = B (I + M), M = B^-1 N, and M^4 = 0 (strictly block-lower, 4 blocks), so
+    (I + A)^-1 = (I - M + M^2 - M^3) B^-1: four 64 x 64 products instead of 16 x 16 block elimination.
+    """
+    rows = tl.arange(0, 64)
+    block = rows // 16
+    blocks = tl.arange(0, 4)
+    o16 = tl.arange(0, 16)
+    same = blocks[:, None, None, None] == blocks[None, None, :, None]  # [4, 1, 4, 1]: diagonal block pairs
+    diagonal = tl.sum(tl.where(same, tl.reshape(b_A, [4, 16, 4, 16]), 0.0), 2)  # [4, 16, 16]
+    eye = tl.where(o16[:, None] == o16[None, :], 1.0, 0.0)
+    b_T = tl.zeros([4, 16, 16], dtype=tl.float32) + eye[None, :, :]
     for r in range(1, 16):
-        pick = (o == r)[:, None]
-        a_r = tl.sum(tl.where(pick, b_A, 0.0), 0)
-        b_T = tl.where(pick, b_T - tl.sum(a_r[:, None] * b_T, 0)[None, :], b_T)
-    return b_T
-
-
-@triton.jit
-def _dot(a, b):
-    return tl.dot(a, b, input_precision="tf32x3")
-
-
-@triton.jit
-def _store_block(ptr, token0, valid, row0: tl.constexpr, hv, value, HV: tl.constexpr, WIDTH: tl.constexpr,
-                 BW: tl.constexpr, col0: tl.constexpr):
-    rows = row0 + tl.arange(0, 16)
-    cols = col0 + tl.arange(0, BW)
-    token = token0 + rows.to(tl.int64)
-    mask = (rows < valid)[:, None] & (cols < WIDTH)[None, :]
-    tl.store(ptr + (token * HV + hv)[:, None] * WIDTH + cols[None, :], value.to(ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _weighted_values(v, token0, valid, row0: tl.constexpr, hv, b_beta, HV: tl.constexpr, V: tl.constexpr,
-                     BVF: tl.constexpr):
-    rows = row0 + tl.arange(0, 16)
-    cols = tl.arange(0, BVF)
-    token = token0 + rows.to(tl.int64)
-    mask = (rows < valid)[:, None] & (cols < V)[None, :]
-    b_v = tl.load(v + (token * HV + hv)[:, None] * V + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    return b_v * b_beta[:, None]
-
-
-@triton.jit
-def _decay_rows(b_G, PER_CHANNEL: tl.constexpr):
-    if PER_CHANNEL:
-        return tl.exp2(b_G)
-    else:
-        return tl.exp2(b_G)[:, None]
+        pick = (o16 == r)[None, :, None]
+        a_r = tl.sum(tl.where(pick, diagonal, 0.0), 1)  # row r of every block's A
+        b_T = tl.where(pick, b_T - tl.sum(a_r[:, :, None] * b_T, 1)[:, None, :], b_T)
+    b_Binv = tl.reshape(tl.where(same, b_T[:, :, None, :], 0.0), [64, 64])
+    b_M = tl.dot(b_Binv, tl.where(block[:, None] > block[None, :], b_A, 0.0), input_precision=DOT_PRECISION)
+    # Horner form, (I - M (I - M (I - M))) B^-1, keeps three 64 x 64 tiles live instead of five.
+    identity = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)
+    b_series = identity - b_M
+    b_series = identity - tl.dot(b_M, b_series, input_precision=DOT_PRECISION)
+    b_series = identity - tl.dot(b_M, b_series, input_precision=DOT_PRECISION)
+    return tl.dot(b_series, b_Binv, input_precision=DOT_PRECISION)
 
 
 @triton.jit
 def _chunk_intra_kernel(
-    q, k, v, g, beta, w, u, qg, kd, p, gamma, cu_seqlens, chunk_indices, scale,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BVF: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr,
+    q, k, v, g, beta, w, u, qg, kd, p, gamma, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     i_chunk = tl.program_id(0)
     hv = tl.program_id(1)
     h = hv // (HV // H)
-    i_seq = tl.load(chunk_indices + 2 * i_chunk)
-    i_in_seq = tl.load(chunk_indices + 2 * i_chunk + 1)
-    bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
-    token0 = bos + i_in_seq.to(tl.int64) * 64
-    valid = (eos - token0).to(tl.int32)
+    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    rows = tl.arange(0, 64)
+    token = token0 + rows
+    row_ok = token < eos
+    qk_rows = (token * H + h) * K
+    gate_rows = (token * HV + hv) * K
+    b_beta = tl.load(beta + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32)
+    if not PER_CHANNEL:
+        b_G = tl.cumsum(tl.load(g + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32) * LOG2_E, 0)
+        G_end = tl.sum(tl.where(rows == 63, b_G, 0.0), 0)  # masked rows add 0: the last valid row's value
 
-    if PER_CHANNEL:
-        prefix = tl.zeros([BK], dtype=tl.float32)
-    else:
-        prefix = tl.sum(tl.zeros([16], dtype=tl.float32), 0)
-    o16 = tl.arange(0, 16)
-    strict = o16[:, None] > o16[None, :]
-    zero_block = tl.zeros([16, 16], dtype=tl.float32)
+    # Pass 1: A and P over blocks of key channels, on raw q and k; the l2 norms are row/column scalings applied
+    # afterwards.
+    b_A = tl.zeros([64, 64], dtype=tl.float32)
+    b_P = tl.zeros([64, 64], dtype=tl.float32)
+    k_square = tl.zeros([64], dtype=tl.float32)
+    q_square = tl.zeros([64], dtype=tl.float32)
+    for k0 in tl.static_range(0, BK, KB):
+        cols = k0 + tl.arange(0, KB)
+        mask = row_ok[:, None] & (cols < K)[None, :]
+        b_k = tl.load(k + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_q = tl.load(q + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if L2NORM:
+            k_square += tl.sum(b_k * b_k, 1)
+            q_square += tl.sum(b_q * b_q, 1)
+        if PER_CHANNEL:
+            b_g = tl.load(g + gate_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            b_A, b_P = _gated_scores(b_q, b_k, tl.cumsum(b_g * LOG2_E, 0), b_A, b_P, DOT_PRECISION, ROUND_TF32)
+        else:
+            b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
+            b_P += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
 
-    # Row sub-block by row sub-block: load it, form its products with itself and the earlier sub-blocks, store
-    # its causal scores P (scaled, dense 64x64 lower-triangular tile per chunk) and Qg = scale q 2^G right away
-    # so that only k, G (and the A blocks) stay live.
-    q0, k0, beta0, G0, prefix = _load_sub_block(q, k, g, beta, token0, valid, 0, h, hv, prefix, H, HV, K, BK,
-                                                PER_CHANNEL, L2NORM)
-    A00, P00 = _diagonal_scores(q0, k0, G0, PER_CHANNEL)
-    _store_block(p, token0, valid, 0, hv, P00 * scale, HV, 64, 16, 0)
-    _store_block(p, token0, valid, 0, hv, zero_block, HV, 64, 16, 16)
-    _store_block(p, token0, valid, 0, hv, zero_block, HV, 64, 16, 32)
-    _store_block(p, token0, valid, 0, hv, zero_block, HV, 64, 16, 48)
-    _store_block(qg, token0, valid, 0, hv, q0 * _decay_rows(G0, PER_CHANNEL) * scale, HV, K, BK, 0)
+    lower = rows[:, None] >= rows[None, :]
+    if L2NORM:
+        k_norm = tl.rsqrt(k_square + 1e-6)
+        q_norm = tl.rsqrt(q_square + 1e-6)
+        b_A = b_A * k_norm[:, None] * k_norm[None, :]
+        b_P = b_P * q_norm[:, None] * k_norm[None, :]
+    if not PER_CHANNEL:
+        decay = tl.exp2(tl.where(lower, b_G[:, None] - b_G[None, :], float("-inf")))
+        b_A = b_A * decay
+        b_P = b_P * decay
+    b_P = tl.where(lower, b_P, 0.0) * scale
+    if ROUND_TF32:
+        b_P = _round_to_tf32(b_P)  # a product operand in kernel 2
+    tl.store(p + (token * HV + hv)[:, None] * 64 + rows[None, :], b_P, mask=row_ok[:, None])
+    b_T = _unit_lower_inverse(tl.where(rows[:, None] > rows[None, :], b_A, 0.0) * b_beta[:, None], DOT_PRECISION)
+    if ROUND_TF32:
+        b_T = _round_to_tf32(b_T)
 
-    q1, k1, beta1, G1, prefix = _load_sub_block(q, k, g, beta, token0, valid, 16, h, hv, prefix, H, HV, K, BK,
-                                                PER_CHANNEL, L2NORM)
-    A11, P11 = _diagonal_scores(q1, k1, G1, PER_CHANNEL)
-    lq, lk, ref = _later_factors(q1, k1, G1, PER_CHANNEL)
-    A10, P10 = _off_diagonal_scores(lq, lk, ref, k0, G0, PER_CHANNEL)
-    _store_block(p, token0, valid, 16, hv, P10 * scale, HV, 64, 16, 0)
-    _store_block(p, token0, valid, 16, hv, P11 * scale, HV, 64, 16, 16)
-    _store_block(p, token0, valid, 16, hv, zero_block, HV, 64, 16, 32)
-    _store_block(p, token0, valid, 16, hv, zero_block, HV, 64, 16, 48)
-    _store_block(qg, token0, valid, 16, hv, q1 * _decay_rows(G1, PER_CHANNEL) * scale, HV, K, BK, 0)
-
-    q2, k2, beta2, G2, prefix = _load_sub_block(q, k, g, beta, token0, valid, 32, h, hv, prefix, H, HV, K, BK,
-                                                PER_CHANNEL, L2NORM)
-    A22, P22 = _diagonal_scores(q2, k2, G2, PER_CHANNEL)
-    lq, lk, ref = _later_factors(q2, k2, G2, PER_CHANNEL)
-    A20, P20 = _off_diagonal_scores(lq, lk, ref, k0, G0, PER_CHANNEL)
-    A21, P21 = _off_diagonal_scores(lq, lk, ref, k1, G1, PER_CHANNEL)
-    _store_block(p, token0, valid, 32, hv, P20 * scale, HV, 64, 16, 0)
-    _store_block(p, token0, valid, 32, hv, P21 * scale, HV, 64, 16, 16)
-    _store_block(p, token0, valid, 32, hv, P22 * scale, HV, 64, 16, 32)
-    _store_block(p, token0, valid, 32, hv, zero_block, HV, 64, 16, 48)
-    _store_block(qg, token0, valid, 32, hv, q2 * _decay_rows(G2, PER_CHANNEL) * scale, HV, K, BK, 0)
-
-    q3, k3, beta3, G3, prefix = _load_sub_block(q, k, g, beta, token0, valid, 48, h, hv, prefix, H, HV, K, BK,
-                                                PER_CHANNEL, L2NORM)
-    A33, P33 = _diagonal_scores(q3, k3, G3, PER_CHANNEL)
-    lq, lk, ref = _later_factors(q3, k3, G3, PER_CHANNEL)
-    A30, P30 = _off_diagonal_scores(lq, lk, ref, k0, G0, PER_CHANNEL)
-    A31, P31 = _off_diagonal_scores(lq, lk, ref, k1, G1, PER_CHANNEL)
-    A32, P32 = _off_diagonal_scores(lq, lk, ref, k2, G2, PER_CHANNEL)
-    _store_block(p, token0, valid, 48, hv, P30 * scale, HV, 64, 16, 0)
-    _store_block(p, token0, valid, 48, hv, P31 * scale, HV, 64, 16, 16)
-    _store_block(p, token0, valid, 48, hv, P32 * scale, HV, 64, 16, 32)
-    _store_block(p, token0, valid, 48, hv, P33 * scale, HV, 64, 16, 48)
-    _store_block(qg, token0, valid, 48, hv, q3 * _decay_rows(G3, PER_CHANNEL) * scale, HV, K, BK, 0)
-    G_end = prefix
-
-    # Kd = k 2^(G_end - G): each row's contribution to the state leaving the chunk.
-    if PER_CHANNEL:
-        _store_block(kd, token0, valid, 0, hv, k0 * tl.exp2(G_end[None, :] - G0), HV, K, BK, 0)
-        _store_block(kd, token0, valid, 16, hv, k1 * tl.exp2(G_end[None, :] - G1), HV, K, BK, 0)
-        _store_block(kd, token0, valid, 32, hv, k2 * tl.exp2(G_end[None, :] - G2), HV, K, BK, 0)
-        _store_block(kd, token0, valid, 48, hv, k3 * tl.exp2(G_end[None, :] - G3), HV, K, BK, 0)
-        cols = tl.arange(0, BK)
-        tl.store(gamma + (i_chunk * HV + hv) * K + cols, tl.exp2(G_end), mask=cols < K)
-    else:
-        _store_block(kd, token0, valid, 0, hv, k0 * tl.exp2(G_end - G0)[:, None], HV, K, BK, 0)
-        _store_block(kd, token0, valid, 16, hv, k1 * tl.exp2(G_end - G1)[:, None], HV, K, BK, 0)
-        _store_block(kd, token0, valid, 32, hv, k2 * tl.exp2(G_end - G2)[:, None], HV, K, BK, 0)
-        _store_block(kd, token0, valid, 48, hv, k3 * tl.exp2(G_end - G3)[:, None], HV, K, BK, 0)
+    # Pass 2: W, Qg, Kd and gamma, block by block of key channels.
+    for k0 in tl.static_range(0, BK, KB):
+        cols = k0 + tl.arange(0, KB)
+        col_ok = cols < K
+        mask = row_ok[:, None] & col_ok[None, :]
+        b_k = tl.load(k + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_q = tl.load(q + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if L2NORM:
+            b_k = b_k * k_norm[:, None]
+            b_q = b_q * q_norm[:, None]
+        if PER_CHANNEL:
+            b_g = tl.load(g + gate_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * LOG2_E
+            G_block = tl.cumsum(b_g, 0)
+            G_block_end = tl.sum(b_g, 0)
+            into = tl.exp2(G_block)  # decay from the chunk start to each row
+            out_of = tl.exp2(G_block_end[None, :] - G_block)  # decay from each row to the chunk end
+            tl.store(gamma + (i_chunk * HV + hv) * K + cols, tl.exp2(G_block_end), mask=col_ok)
+        else:
+            into = tl.exp2(b_G)[:, None]
+            out_of = tl.exp2(G_end - b_G)[:, None]
+        offsets = (token * HV + hv)[:, None] * K + cols[None, :]
+        tl.store(qg + offsets, (b_q * into * scale).to(qg.dtype.element_ty), mask=mask)
+        tl.store(kd + offsets, (b_k * out_of).to(kd.dtype.element_ty), mask=mask)
+        b_decayed = b_k * into * b_beta[:, None]
+        if ROUND_TF32:
+            b_decayed = _round_to_tf32(b_decayed)
+        b_w = tl.dot(b_T, b_decayed, input_precision=DOT_PRECISION)
+        tl.store(w + offsets, b_w.to(w.dtype.element_ty), mask=mask)
+    if not PER_CHANNEL:
         tl.store(gamma + i_chunk * HV + hv, tl.exp2(G_end))
 
-    # Rows of Diag(beta) (2^G * K) for W; after this k and G are dead.
-    bk0 = k0 * _decay_rows(G0, PER_CHANNEL) * beta0[:, None]
-    bk1 = k1 * _decay_rows(G1, PER_CHANNEL) * beta1[:, None]
-    bk2 = k2 * _decay_rows(G2, PER_CHANNEL) * beta2[:, None]
-    bk3 = k3 * _decay_rows(G3, PER_CHANNEL) * beta3[:, None]
-
-    # A row s carries beta_s; the diagonal blocks keep only their strict lower part.
-    A00 = tl.where(strict, A00, 0.0) * beta0[:, None]
-    A11 = tl.where(strict, A11, 0.0) * beta1[:, None]
-    A22 = tl.where(strict, A22, 0.0) * beta2[:, None]
-    A33 = tl.where(strict, A33, 0.0) * beta3[:, None]
-    A10 = A10 * beta1[:, None]
-    A20 = A20 * beta2[:, None]
-    A21 = A21 * beta2[:, None]
-    A30 = A30 * beta3[:, None]
-    A31 = A31 * beta3[:, None]
-    A32 = A32 * beta3[:, None]
-
-    # (I + A)^-1, block lower triangular: T_ii by substitution, T_ij = -T_ii sum_{j<=m<i} A_im T_mj.
-    T00 = _invert_unit_lower(A00)
-    T11 = _invert_unit_lower(A11)
-    T22 = _invert_unit_lower(A22)
-    T33 = _invert_unit_lower(A33)
-    T10 = -_dot(_dot(T11, A10), T00)
-    T21 = -_dot(_dot(T22, A21), T11)
-    T20 = -_dot(T22, _dot(A20, T00) + _dot(A21, T10))
-    T32 = -_dot(_dot(T33, A32), T22)
-    T31 = -_dot(T33, _dot(A31, T11) + _dot(A32, T21))
-    T30 = -_dot(T33, _dot(A30, T00) + _dot(A31, T10) + _dot(A32, T20))
-
-    # W = T Diag(beta) (2^G * K)
-    _store_block(w, token0, valid, 0, hv, _dot(T00, bk0), HV, K, BK, 0)
-    _store_block(w, token0, valid, 16, hv, _dot(T10, bk0) + _dot(T11, bk1), HV, K, BK, 0)
-    _store_block(w, token0, valid, 32, hv, _dot(T20, bk0) + _dot(T21, bk1) + _dot(T22, bk2), HV, K, BK, 0)
-    _store_block(w, token0, valid, 48, hv,
-                 _dot(T30, bk0) + _dot(T31, bk1) + _dot(T32, bk2) + _dot(T33, bk3), HV, K, BK, 0)
-
-    # U = T Diag(beta) V
-    bv0 = _weighted_values(v, token0, valid, 0, hv, beta0, HV, V, BVF)
-    bv1 = _weighted_values(v, token0, valid, 16, hv, beta1, HV, V, BVF)
-    bv2 = _weighted_values(v, token0, valid, 32, hv, beta2, HV, V, BVF)
-    bv3 = _weighted_values(v, token0, valid, 48, hv, beta3, HV, V, BVF)
-    _store_block(u, token0, valid, 0, hv, _dot(T00, bv0), HV, V, BVF, 0)
-    _store_block(u, token0, valid, 16, hv, _dot(T10, bv0) + _dot(T11, bv1), HV, V, BVF, 0)
-    _store_block(u, token0, valid, 32, hv, _dot(T20, bv0) + _dot(T21, bv1) + _dot(T22, bv2), HV, V, BVF, 0)
-    _store_block(u, token0, valid, 48, hv,
-                 _dot(T30, bv0) + _dot(T31, bv1) + _dot(T32, bv2) + _dot(T33, bv3), HV, V, BVF, 0)
-
+    # Pass 3: U, block by block of value channels.
+    for v0 in tl.static_range(0, BV, VB):
+        cols = v0 + tl.arange(0, VB)
+        mask = row_ok[:, None] & (cols < V)[None, :]
+        offsets = (token * HV + hv)[:, None] * V + cols[None, :]
+        b_v = tl.load(v + offsets, mask=mask, other=0.0).to(tl.float32) * b_beta[:, None]
+        if ROUND_TF32:
+            b_v = _round_to_tf32(b_v)
+        tl.store(u + offsets, tl.dot(b_T, b_v, input_precision=DOT_PRECISION), mask=mask)
 
 
 @triton.jit
-def _chunk_inter_kernel(
-    w, u, qg, kd, p, gamma, o, h0, ht, cu_seqlens, chunk_offsets,
+def _chunk_state_kernel(
+    w, u, qg, kd, p, gamma, o, h0, ht, cu_seqlens, chunk_offsets, T,
     HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr, SIXTEEN_BIT_PRODUCTS: tl.constexpr,
+    ROUND_TF32: tl.constexpr,
 ):
     i_seq_head = tl.program_id(0)
     i_v = tl.program_id(1)
     i_seq = i_seq_head // HV
     hv = i_seq_head % HV
-    bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets + i_seq).to(tl.int64)
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
+        first_chunk = tl.load(chunk_offsets + i_seq).to(tl.int64)
+    else:
+        bos = i_seq.to(tl.int64) * T
+        eos = bos + T
+        first_chunk = i_seq.to(tl.int64) * tl.cdiv(T, 64)
     n_chunks = tl.cdiv(eos - bos, 64)
 
     cols_k = tl.arange(0, BK)
@@ -329,22 +284,26 @@ def _chunk_inter_kernel(
         mask_v = row_ok[:, None] & v_ok[None, :]
         b_w = tl.load(w + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
         b_qg = tl.load(qg + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
-        b_kd = tl.load(kd + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
-        b_u = tl.load(u + base[:, None] * V + cols_v[None, :], mask=mask_v, other=0.0)
+        b_kd = tl.load(kd + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0).to(tl.float32)
         b_p = tl.load(p + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
+        b_u = tl.load(u + base[:, None] * V + cols_v[None, :], mask=mask_v, other=0.0)
         if PER_CHANNEL:
-            b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)
+            b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)[:, None]
         else:
             b_gamma = tl.load(gamma + (first_chunk + i_c) * HV + hv)
-        # fp32 operands: tf32 tensor-core products for 16-bit inputs, fp32-accurate (tf32x3) for fp32 inputs.
-        b_new = b_u - tl.dot(b_w, b_S, input_precision=DOT_PRECISION)
-        b_o = tl.dot(b_qg, b_S, input_precision=DOT_PRECISION)
-        b_o += tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
-        if PER_CHANNEL:
-            b_S = b_S * b_gamma[:, None]
+        if SIXTEEN_BIT_PRODUCTS:
+            # S meets W and Qg in their 16-bit storage dtype: as accurate as the stored W, twice tf32's speed.
+            b_S_in = b_S.to(b_w.dtype)
         else:
-            b_S = b_S * b_gamma
-        b_S += tl.dot(tl.trans(b_kd), b_new, input_precision=DOT_PRECISION)
+            b_w = b_w.to(tl.float32)
+            b_qg = b_qg.to(tl.float32)
+            b_S_in = b_S
+        b_new = b_u - tl.dot(b_w, b_S_in, input_precision=DOT_PRECISION)
+        if ROUND_TF32:
+            b_new = _round_to_tf32(b_new)  # P (rounded by kernel 1) and Kd (16-bit) are tf32-exact already
+        b_o = tl.dot(b_qg, b_S_in, input_precision=DOT_PRECISION)
+        b_o += tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
+        b_S = b_S * b_gamma + tl.dot(tl.trans(b_kd), b_new, input_precision=DOT_PRECISION)
         tl.store(o + base[:, None] * V + cols_v[None, :], b_o.to(o.dtype.element_ty), mask=mask_v)
 
     if STORE_FINAL_STATE:
@@ -369,56 +328,64 @@ def chunk_delta_rule_triton(
     value_heads, value_dim = v.shape[2], v.shape[3]
     total = batch * length
     device = q.device
-    # Flatten the batch into one token axis: an equal-length batch is a variable-length batch of B sequences.
-    q, k, v, beta = (x.reshape(1, total, *x.shape[2:]).contiguous() for x in (q, k, v, beta))
-    g = g.reshape(1, total, *g.shape[2:]).contiguous()
+    # Flatten the batch into one token axis: an equal-length batch is B sequences of ``length`` tokens.
+    q, k, v, g, beta = (x.contiguous() for x in (q, k, v, g, beta))
     if cu_seqlens is None:
-        lengths = torch.full((batch,), length, dtype=torch.int64)
-        cu = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * length
+        sequences = batch
+        n_chunks = batch * triton.cdiv(length, CHUNK_SIZE)
+        cu = chunk_indices = chunk_offsets = None
     else:
         cu_cpu = cu_seqlens.to("cpu", torch.int64)
         lengths = cu_cpu[1:] - cu_cpu[:-1]
+        sequences = lengths.numel()
+        chunk_counts = (lengths + CHUNK_SIZE - 1) // CHUNK_SIZE
+        offsets = torch.zeros(sequences + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(chunk_counts, 0)
+        n_chunks = int(offsets[-1])
+        chunk_seq = torch.repeat_interleave(torch.arange(sequences), chunk_counts)
+        chunk_in_seq = torch.arange(n_chunks) - torch.repeat_interleave(offsets[:-1], chunk_counts)
+        chunk_indices = torch.stack([chunk_seq, chunk_in_seq], 1).to(device=device, dtype=torch.int32)
+        chunk_offsets = offsets.to(device=device, dtype=torch.int32)
         cu = cu_seqlens.to(device=device, dtype=torch.int32)
-    sequences = lengths.numel()
-    chunk_counts = (lengths + CHUNK_SIZE - 1) // CHUNK_SIZE
-    chunk_offsets = torch.zeros(sequences + 1, dtype=torch.int64)
-    chunk_offsets[1:] = torch.cumsum(chunk_counts, 0)
-    n_chunks = int(chunk_offsets[-1])
-    chunk_seq = torch.repeat_interleave(torch.arange(sequences), chunk_counts)
-    chunk_in_seq = torch.arange(n_chunks) - torch.repeat_interleave(chunk_offsets[:-1], chunk_counts)
-    chunk_indices = torch.stack([chunk_seq, chunk_in_seq], 1).to(device=device, dtype=torch.int32)
-    chunk_offsets = chunk_offsets.to(device=device, dtype=torch.int32)
 
-    # Intermediates are fp32 whatever the input dtype: rounding them to 16 bits costs ~0.5% relative error.
+    sixteen_bit = q.dtype in (torch.bfloat16, torch.float16)
+    # W, Qg, Kd in the input dtype for 16-bit inputs (see the module docstring); U and P always fp32.
+    store_dtype = q.dtype if sixteen_bit else torch.float32
+    dot_precision = "tf32" if sixteen_bit else "tf32x3"
     block_k = max(16, triton.next_power_of_2(key_dim))
-    block_v_full = max(16, triton.next_power_of_2(value_dim))
-    w = torch.empty(total, value_heads, key_dim, dtype=torch.float32, device=device)
+    block_v = max(16, triton.next_power_of_2(value_dim))
+    w = torch.empty(total, value_heads, key_dim, dtype=store_dtype, device=device)
     qg = torch.empty_like(w)
     kd = torch.empty_like(w)
     u = torch.empty(total, value_heads, value_dim, dtype=torch.float32, device=device)
     p = torch.empty(total, value_heads, CHUNK_SIZE, dtype=torch.float32, device=device)
     gamma = torch.empty(max(n_chunks, 1), value_heads, key_dim if per_channel else 1, dtype=torch.float32,
                         device=device)
-    out = torch.empty(1, total, value_heads, value_dim, dtype=q.dtype, device=device)
+    out = torch.empty(batch, length, value_heads, value_dim, dtype=q.dtype, device=device)
     final_state = (
         torch.empty(sequences, value_heads, key_dim, value_dim, dtype=torch.float32, device=device)
         if output_final_state else None
     )
     if n_chunks > 0:
+        launch = INTRA_LAUNCH[per_channel]
         _chunk_intra_kernel[(n_chunks, value_heads)](
-            q, k, v, g, beta, w, u, qg, kd, p, gamma, cu, chunk_indices, scale,
-            H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BVF=block_v_full,
-            PER_CHANNEL=per_channel, L2NORM=use_qk_l2norm_in_kernel,
-            num_warps=4, num_stages=1,
+            q, k, v, g, beta, w, u, qg, kd, p, gamma, cu, chunk_indices, scale, length,
+            H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=block_v,
+            KB=min(block_k, launch["block"]), VB=min(block_v, launch["block"]),
+            PER_CHANNEL=per_channel, L2NORM=use_qk_l2norm_in_kernel, IS_VARLEN=cu_seqlens is not None,
+            DOT_PRECISION=dot_precision, ROUND_TF32=sixteen_bit,
+            num_warps=launch["num_warps"], num_stages=1, maxnreg=launch["maxnreg"],
         )
-    # Value blocks of 32 channels: 128 programs for one sequence of 32 heads (an H100 has 132 SMs); fp32 tiles
-    # leave no room for a second pipeline stage in shared memory.
-    _chunk_inter_kernel[(sequences * value_heads, triton.cdiv(value_dim, INTER_BLOCK_V))](
-        w, u, qg, kd, p, gamma, out, initial_state, final_state, cu, chunk_offsets,
-        HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=INTER_BLOCK_V,
-        PER_CHANNEL=per_channel, USE_INITIAL_STATE=initial_state is not None,
-        STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION="tf32" if q.dtype in (torch.bfloat16, torch.float16) else "tf32x3",
-        num_warps=4, num_stages=1,
+    # The Triton CPU interpreter mis-multiplies 16-bit dot operands, so under it the products with S run in fp32.
+    # 16-bit W/Qg/Kd tiles of up to 128 key channels leave room in shared memory (227 KB) for a second stage: the
+    # next chunk's tiles load during this chunk's products.
+    pipelined = sixteen_bit and block_k <= 128
+    _chunk_state_kernel[(sequences * value_heads, triton.cdiv(value_dim, STATE_LAUNCH["block_v"]))](
+        w, u, qg, kd, p, gamma, out, initial_state, final_state, cu, chunk_offsets, length,
+        HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=STATE_LAUNCH["block_v"],
+        PER_CHANNEL=per_channel, IS_VARLEN=cu_seqlens is not None,
+        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
+        DOT_PRECISION=dot_precision, SIXTEEN_BIT_PRODUCTS=sixteen_bit and not interpreting(), ROUND_TF32=sixteen_bit,
+        num_warps=STATE_LAUNCH["num_warps"], num_stages=STATE_LAUNCH["num_stages"] if pipelined else 1,
     )
-    return out.reshape(batch, length, value_heads, value_dim), final_state
+    return out, final_state
