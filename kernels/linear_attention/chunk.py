@@ -1,26 +1,33 @@
 """Chunked prefill for gated delta-rule attention (KDA: per-channel gate; GDN: per-head gate), forward only.
 
-Chunks of 64 tokens, two Triton kernels:
+Chunks of 64 tokens, in two stages:
 
-1. ``_chunk_intra_kernel``, one program per chunk and value head, all chunks in parallel. With G the in-chunk
-   cumulative gate (log2 space) it forms the 64 x 64 matrices
+1. Intra-chunk, all chunks in parallel. Per chunk and value head, with G the in-chunk cumulative gate (log2
+   space), the scores step forms the 64 x 64 matrices
        A[s, r] = beta_s sum_i k_s,i k_r,i 2^(G_s,i - G_r,i)   (s > r)
        P[s, r] = scale sum_i q_s,i k_r,i 2^(G_s,i - G_r,i)    (s >= r)
-   with tensor-core products, inverts (I + A) (the UT transform) and writes
-       W = (I + A)^-1 Diag(beta) (2^G * K),  U = (I + A)^-1 Diag(beta) V,
-       Qg = scale q 2^G,  Kd = k 2^(G_end - G),  gamma = 2^G_end  and P.
+   with tensor-core products, stores P and inverts (I + A) (the UT transform); the apply step writes
+       W = (I + A)^-1 Diag(beta) (2^G * K),  U = (I + A)^-1 Diag(beta) V,  gamma = 2^G_end,
+   and for a per-channel gate Qg = scale q 2^G and Kd = k 2^(G_end - G). A per-head gate needs no Qg and Kd: they
+   are q and k with one scale per row (scale q_norm 2^G and k_norm 2^(G_end - G), ``row_scale``), which kernel 2
+   applies around its products with q and k themselves. KDA runs the two steps as two kernels
+   (``_chunk_scores_kernel`` storing (I + A)^-1, then ``_chunk_apply_kernel``, one program per block of key or
+   value channels, so the register-heavy scores step does not hold the SM through the memory-heavy apply step);
+   GDN, whose scores step is light, runs both in one program (``_chunk_intra_kernel``), which measured faster.
 2. ``_chunk_state_kernel``, one program per sequence, value head and block of value channels, walks the chunks
    in order with the float32 state S in registers:
        V' = U - W S,  O = Qg S + P V',  S = Diag(gamma) S + Kd^T V'.
-   Everything it reads per chunk was prepared by kernel 1, so the loads of the next chunk are independent of S
+   Everything it reads per chunk was prepared by stage 1, so the loads of the next chunk are independent of S
    and are software-pipelined (``num_stages``) behind the current chunk's products.
 
-Precision (relative error against the naive recurrence, H100, docs/linear_attention_h100.log: output 0.0017,
-which is mostly the bf16 rounding of the output itself, final state 0.0016): fp32 state and accumulators; for
-16-bit inputs W, Qg and Kd are stored in the input dtype (outputs move by < 1e-4; Kd's rounding is most of the
-state's error) while U and P, whose rounding would cost ~0.2% of the output, stay fp32; products run on tf32
-tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), and S enters its
-products with W and Qg in the storage dtype.
+Precision (relative error against the naive fp32 recurrence, bf16 inputs, 1024 tokens, 32 heads of 128 x 128,
+H100, docs/linear_attention_prefill_h100.log: output 0.0017 for both, which is mostly the bf16 rounding of the
+output itself; final state KDA 0.0017, GDN 0.0004): fp32 state and accumulators; for 16-bit inputs W, Qg and Kd
+are stored in the input dtype (outputs move by < 1e-4; KDA's Kd rounding is most of its state's error, which GDN,
+reading k itself, does not have) while U and P, whose rounding would cost ~0.2% of the output, stay fp32; products
+run on tf32 tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), products
+of two 16-bit operands (GDN's k k^T and q k^T) run in 16 bits, which is exact, and S enters its products with W and
+Qg in the storage dtype.
 
 Variable-length batches: every sequence is cut into its own chunks (``cu_seqlens``); rows past a sequence's end
 are masked on load and store, so chunks never mix sequences.
@@ -40,16 +47,24 @@ LOG2_E = tl.constexpr(1.4426950408889634)
 # tokens away from the middle stay within this many powers of two (so neither overflows fp32 nor loses a key
 # entry above 2^-30 to underflow); chunks with stronger gates take an exact column-by-column path.
 MAX_FACTORED_EXPONENT = tl.constexpr(96.0)
-# Launch shapes for 32 heads of 128 x 128 on an H100 (docs/linear_attention_h100.log). Kernel 1, by gate kind
-# (True: one gate per key channel): key/value channels per block, warps (4 ran faster than 8), and a register cap
-# so that three programs share a multiprocessor (uncapped the compiler takes 171-253 registers: two programs; the
-# cap spills < 64 bytes). Kernel 2: value channels per program (32: 128 programs for 32 heads on 132
-# multiprocessors; 16 and 64 ran slower), warps, pipeline stages (1 stage ran 2x slower, 3 no faster).
+# Launch shapes for 32 heads of 128 x 128 on an H100, by gate kind (True: one gate per key channel), measured side
+# by side (docs/linear_attention_prefill_h100.log). "split": the scores and apply steps as two kernels (KDA: 1.29x
+# faster at 64k tokens than one kernel; GDN: the best split launch 1.18x slower); "block": key channels per step
+# of the scores step (and per block of the apply step when not split; 16 ran slower); warps and a register cap
+# for the scores step (uncapped it takes ~255 registers, two programs per multiprocessor, 3% slower; 8 warps
+# 1.2-1.4x slower); "apply_block" / "apply_warps": channels per program of the apply kernel and its warps (64
+# channels with 8 warps ran 1.14x faster than 32 with 4).
 INTRA_LAUNCH = {
-    True: {"block": 32, "num_warps": 4, "maxnreg": 168},
-    False: {"block": 32, "num_warps": 4, "maxnreg": 168},
+    True: {"split": True, "block": 32, "num_warps": 4, "maxnreg": 168, "apply_block": 64, "apply_warps": 8},
+    False: {"split": False, "block": 32, "num_warps": 4, "maxnreg": 168},
 }
-STATE_LAUNCH = {"block_v": 32, "num_warps": 4, "num_stages": 2}
+# Kernel 2: value channels per program (32: 128 programs for 32 heads on 132 multiprocessors), warps, pipeline
+# stages (KDA: 3 stages no faster than 2, 8 warps or 64 channels 4-11% slower; GDN, whose loads are lighter
+# (q and k instead of Qg and Kd): 3 stages 3% faster).
+STATE_LAUNCH = {
+    True: {"block_v": 32, "num_warps": 4, "num_stages": 2},
+    False: {"block_v": 32, "num_warps": 4, "num_stages": 3},
+}
 
 
 @triton.jit
@@ -75,6 +90,14 @@ def _round_to_tf32(x):
     bias adds up over the 64-term sums (relative output error 0.0025 instead of 0.0017 against the recurrence)."""
     bits = x.to(tl.int32, bitcast=True)
     return ((bits + 0x1000) & -8192).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _head_gates(g, token, row_ok, hv, HV: tl.constexpr):
+    """Per-head gate: cumulative log2 gate G of every row and its value at the chunk's end."""
+    b_G = tl.cumsum(tl.load(g + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32) * LOG2_E, 0)
+    G_end = tl.sum(tl.where(tl.arange(0, 64) == 63, b_G, 0.0), 0)  # masked rows add 0: the last valid row's value
+    return b_G, G_end
 
 
 @triton.jit
@@ -141,29 +164,20 @@ def _unit_lower_inverse(b_A, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _chunk_intra_kernel(
-    q, k, v, g, beta, w, u, qg, kd, p, gamma, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
-    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
+def _chunk_scores(
+    q, k, g, beta, p, gamma, row_scale, token, row_ok, i_chunk, h, hv, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+    NATIVE_DOT: tl.constexpr,
 ):
-    i_chunk = tl.program_id(0)
-    hv = tl.program_id(1)
-    h = hv // (HV // H)
-    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    """Form A and P over blocks of key channels, store P, and return T = (I + A)^-1 and the rows' beta and q and
+    k l2 norms (ones without the norm). Per-head gate: also stores gamma and the rows' scales for kernel 2,
+    scale q_norm 2^G (q's) and k_norm 2^(G_end - G) (k's)."""
     rows = tl.arange(0, 64)
-    token = token0 + rows
-    row_ok = token < eos
     qk_rows = (token * H + h) * K
     gate_rows = (token * HV + hv) * K
     b_beta = tl.load(beta + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32)
-    if not PER_CHANNEL:
-        b_G = tl.cumsum(tl.load(g + token * HV + hv, mask=row_ok, other=0.0).to(tl.float32) * LOG2_E, 0)
-        G_end = tl.sum(tl.where(rows == 63, b_G, 0.0), 0)  # masked rows add 0: the last valid row's value
-
-    # Pass 1: A and P over blocks of key channels, on raw q and k; the l2 norms are row/column scalings applied
-    # afterwards.
+    # A and P on raw q and k; the l2 norms are row/column scalings applied afterwards.
     b_A = tl.zeros([64, 64], dtype=tl.float32)
     b_P = tl.zeros([64, 64], dtype=tl.float32)
     k_square = tl.zeros([64], dtype=tl.float32)
@@ -171,17 +185,22 @@ def _chunk_intra_kernel(
     for k0 in tl.static_range(0, BK, KB):
         cols = k0 + tl.arange(0, KB)
         mask = row_ok[:, None] & (cols < K)[None, :]
-        b_k = tl.load(k + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b_q = tl.load(q + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        b_k = tl.load(k + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+        b_q = tl.load(q + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0)
         if L2NORM:
-            k_square += tl.sum(b_k * b_k, 1)
-            q_square += tl.sum(b_q * b_q, 1)
+            k_square += tl.sum(b_k.to(tl.float32) * b_k.to(tl.float32), 1)
+            q_square += tl.sum(b_q.to(tl.float32) * b_q.to(tl.float32), 1)
         if PER_CHANNEL:
             b_g = tl.load(g + gate_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-            b_A, b_P = _gated_scores(b_q, b_k, tl.cumsum(b_g * LOG2_E, 0), b_A, b_P, DOT_PRECISION, ROUND_TF32)
+            b_A, b_P = _gated_scores(b_q.to(tl.float32), b_k.to(tl.float32), tl.cumsum(b_g * LOG2_E, 0), b_A, b_P,
+                                     DOT_PRECISION, ROUND_TF32)
+        elif NATIVE_DOT:
+            # 16-bit operands: their products are exact in the fp32 accumulator, at twice tf32's rate.
+            b_A += tl.dot(b_k, tl.trans(b_k))
+            b_P += tl.dot(b_q, tl.trans(b_k))
         else:
-            b_A += tl.dot(b_k, tl.trans(b_k), input_precision=DOT_PRECISION)
-            b_P += tl.dot(b_q, tl.trans(b_k), input_precision=DOT_PRECISION)
+            b_A += tl.dot(b_k.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision=DOT_PRECISION)
+            b_P += tl.dot(b_q.to(tl.float32), tl.trans(b_k.to(tl.float32)), input_precision=DOT_PRECISION)
 
     lower = rows[:, None] >= rows[None, :]
     if L2NORM:
@@ -189,10 +208,20 @@ def _chunk_intra_kernel(
         q_norm = tl.rsqrt(q_square + 1e-6)
         b_A = b_A * k_norm[:, None] * k_norm[None, :]
         b_P = b_P * q_norm[:, None] * k_norm[None, :]
-    if not PER_CHANNEL:
+    else:
+        k_norm = tl.full([64], 1.0, dtype=tl.float32)
+        q_norm = k_norm
+    if PER_CHANNEL:
+        b_G = tl.zeros([64], dtype=tl.float32)  # per-channel gates: the apply step's key blocks form them
+    else:
+        b_G, G_end = _head_gates(g, token, row_ok, hv, HV)
         decay = tl.exp2(tl.where(lower, b_G[:, None] - b_G[None, :], float("-inf")))
         b_A = b_A * decay
         b_P = b_P * decay
+        tl.store(gamma + i_chunk * HV + hv, tl.exp2(G_end))
+        scale_rows = (token * HV + hv) * 2
+        tl.store(row_scale + scale_rows, scale * q_norm * tl.exp2(b_G), mask=row_ok)
+        tl.store(row_scale + scale_rows + 1, k_norm * tl.exp2(G_end - b_G), mask=row_ok)
     b_P = tl.where(lower, b_P, 0.0) * scale
     if ROUND_TF32:
         b_P = _round_to_tf32(b_P)  # a product operand in kernel 2
@@ -200,53 +229,140 @@ def _chunk_intra_kernel(
     b_T = _unit_lower_inverse(tl.where(rows[:, None] > rows[None, :], b_A, 0.0) * b_beta[:, None], DOT_PRECISION)
     if ROUND_TF32:
         b_T = _round_to_tf32(b_T)
+    return b_T, b_beta, q_norm, k_norm, b_G
 
-    # Pass 2: W, Qg, Kd and gamma, block by block of key channels.
-    for k0 in tl.static_range(0, BK, KB):
-        cols = k0 + tl.arange(0, KB)
-        col_ok = cols < K
-        mask = row_ok[:, None] & col_ok[None, :]
-        b_k = tl.load(k + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        b_q = tl.load(q + qk_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        if L2NORM:
-            b_k = b_k * k_norm[:, None]
-            b_q = b_q * q_norm[:, None]
-        if PER_CHANNEL:
-            b_g = tl.load(g + gate_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32) * LOG2_E
-            G_block = tl.cumsum(b_g, 0)
-            G_block_end = tl.sum(b_g, 0)
-            into = tl.exp2(G_block)  # decay from the chunk start to each row
-            out_of = tl.exp2(G_block_end[None, :] - G_block)  # decay from each row to the chunk end
-            tl.store(gamma + (i_chunk * HV + hv) * K + cols, tl.exp2(G_block_end), mask=col_ok)
-        else:
-            into = tl.exp2(b_G)[:, None]
-            out_of = tl.exp2(G_end - b_G)[:, None]
-        offsets = (token * HV + hv)[:, None] * K + cols[None, :]
+
+@triton.jit
+def _apply_to_keys(
+    q, k, g, w, qg, kd, gamma, b_T, b_beta, q_norm, k_norm, b_G, token, row_ok, i_chunk, h, hv, k0, scale,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, KB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+):
+    """One block of key channels: W = T Diag(beta) (2^G * K); per-channel gate also Qg, Kd and gamma (b_G: the per-head
+    gate's cumulative log2 gate, unused for per-channel gates)."""
+    cols = k0 + tl.arange(0, KB)
+    col_ok = cols < K
+    mask = row_ok[:, None] & col_ok[None, :]
+    qk_offsets = ((token * H + h) * K)[:, None] + cols[None, :]
+    offsets = (token * HV + hv)[:, None] * K + cols[None, :]
+    b_k = tl.load(k + qk_offsets, mask=mask, other=0.0).to(tl.float32) * k_norm[:, None]
+    if PER_CHANNEL:
+        b_q = tl.load(q + qk_offsets, mask=mask, other=0.0).to(tl.float32) * q_norm[:, None]
+        b_g = tl.load(g + offsets, mask=mask, other=0.0).to(tl.float32) * LOG2_E
+        G_block = tl.cumsum(b_g, 0)
+        G_block_end = tl.sum(b_g, 0)
+        into = tl.exp2(G_block)  # decay from the chunk start to each row
         tl.store(qg + offsets, (b_q * into * scale).to(qg.dtype.element_ty), mask=mask)
-        tl.store(kd + offsets, (b_k * out_of).to(kd.dtype.element_ty), mask=mask)
-        b_decayed = b_k * into * b_beta[:, None]
-        if ROUND_TF32:
-            b_decayed = _round_to_tf32(b_decayed)
-        b_w = tl.dot(b_T, b_decayed, input_precision=DOT_PRECISION)
-        tl.store(w + offsets, b_w.to(w.dtype.element_ty), mask=mask)
-    if not PER_CHANNEL:
-        tl.store(gamma + i_chunk * HV + hv, tl.exp2(G_end))
+        tl.store(kd + offsets, (b_k * tl.exp2(G_block_end[None, :] - G_block)).to(kd.dtype.element_ty), mask=mask)
+        tl.store(gamma + (i_chunk * HV + hv) * K + cols, tl.exp2(G_block_end), mask=col_ok)
+    else:
+        into = tl.exp2(b_G)[:, None]
+    b_decayed = b_k * into * b_beta[:, None]
+    if ROUND_TF32:
+        b_decayed = _round_to_tf32(b_decayed)
+    b_w = tl.dot(b_T, b_decayed, input_precision=DOT_PRECISION)
+    tl.store(w + offsets, b_w.to(w.dtype.element_ty), mask=mask)
 
-    # Pass 3: U, block by block of value channels.
+
+@triton.jit
+def _apply_to_values(v, u, b_T, b_beta, token, row_ok, hv, v0, HV: tl.constexpr, V: tl.constexpr, VB: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr):
+    """One block of value channels: U = T Diag(beta) V."""
+    cols = v0 + tl.arange(0, VB)
+    mask = row_ok[:, None] & (cols < V)[None, :]
+    offsets = (token * HV + hv)[:, None] * V + cols[None, :]
+    b_v = tl.load(v + offsets, mask=mask, other=0.0).to(tl.float32) * b_beta[:, None]
+    if ROUND_TF32:
+        b_v = _round_to_tf32(b_v)
+    tl.store(u + offsets, tl.dot(b_T, b_v, input_precision=DOT_PRECISION), mask=mask)
+
+
+@triton.jit
+def _chunk_intra_kernel(
+    q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr, NATIVE_DOT: tl.constexpr,
+):
+    """Stage 1, scores and apply steps in one program per chunk and value head."""
+    i_chunk = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    token = token0 + tl.arange(0, 64)
+    row_ok = token < eos
+    b_T, b_beta, q_norm, k_norm, b_G = _chunk_scores(
+        q, k, g, beta, p, gamma, row_scale, token, row_ok, i_chunk, h, hv, scale, H, HV, K, BK, KB,
+        PER_CHANNEL, L2NORM, DOT_PRECISION, ROUND_TF32, NATIVE_DOT)
+    for k0 in tl.static_range(0, BK, KB):
+        _apply_to_keys(q, k, g, w, qg, kd, gamma, b_T, b_beta, q_norm, k_norm, b_G, token, row_ok, i_chunk, h, hv,
+                       k0, scale, H, HV, K, KB, PER_CHANNEL, DOT_PRECISION, ROUND_TF32)
     for v0 in tl.static_range(0, BV, VB):
-        cols = v0 + tl.arange(0, VB)
-        mask = row_ok[:, None] & (cols < V)[None, :]
-        offsets = (token * HV + hv)[:, None] * V + cols[None, :]
-        b_v = tl.load(v + offsets, mask=mask, other=0.0).to(tl.float32) * b_beta[:, None]
-        if ROUND_TF32:
-            b_v = _round_to_tf32(b_v)
-        tl.store(u + offsets, tl.dot(b_T, b_v, input_precision=DOT_PRECISION), mask=mask)
+        _apply_to_values(v, u, b_T, b_beta, token, row_ok, hv, v0, HV, V, VB, DOT_PRECISION, ROUND_TF32)
+
+
+@triton.jit
+def _chunk_scores_kernel(
+    q, k, g, beta, p, gamma, row_scale, t_matrix, norms, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROUND_TF32: tl.constexpr, NATIVE_DOT: tl.constexpr,
+):
+    """Stage 1, scores step: A, P and T per chunk and value head; stores T and the rows' l2 norms for the apply step."""
+    i_chunk = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    rows = tl.arange(0, 64)
+    token = token0 + rows
+    row_ok = token < eos
+    b_T, _, q_norm, k_norm, _ = _chunk_scores(
+        q, k, g, beta, p, gamma, row_scale, token, row_ok, i_chunk, h, hv, scale, H, HV, K, BK, KB,
+        PER_CHANNEL, L2NORM, DOT_PRECISION, ROUND_TF32, NATIVE_DOT)
+    base = token * HV + hv
+    tl.store(t_matrix + base[:, None] * 64 + rows[None, :], b_T, mask=row_ok[:, None])
+    tl.store(norms + base * 2, q_norm, mask=row_ok)
+    tl.store(norms + base * 2 + 1, k_norm, mask=row_ok)
+
+
+@triton.jit
+def _chunk_apply_kernel(
+    q, k, v, g, beta, w, u, qg, kd, gamma, t_matrix, norms, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
+):
+    """Stage 1, apply step: one block of key channels (W, Qg, Kd, gamma) or of value channels (U) per program."""
+    i_chunk = tl.program_id(0)
+    hv = tl.program_id(1)
+    i_block = tl.program_id(2)
+    h = hv // (HV // H)
+    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    rows = tl.arange(0, 64)
+    token = token0 + rows
+    row_ok = token < eos
+    base = token * HV + hv
+    b_T = tl.load(t_matrix + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
+    b_beta = tl.load(beta + base, mask=row_ok, other=0.0).to(tl.float32)
+    key_blocks = tl.cdiv(K, KB)
+    if i_block < key_blocks:
+        q_norm = tl.load(norms + base * 2, mask=row_ok, other=0.0)
+        k_norm = tl.load(norms + base * 2 + 1, mask=row_ok, other=0.0)
+        if PER_CHANNEL:
+            b_G = tl.zeros([64], dtype=tl.float32)
+        else:
+            b_G, _ = _head_gates(g, token, row_ok, hv, HV)
+        _apply_to_keys(q, k, g, w, qg, kd, gamma, b_T, b_beta, q_norm, k_norm, b_G, token, row_ok, i_chunk, h, hv,
+                       i_block * KB, scale, H, HV, K, KB, PER_CHANNEL, DOT_PRECISION, ROUND_TF32)
+    else:
+        _apply_to_values(v, u, b_T, b_beta, token, row_ok, hv, (i_block - key_blocks) * VB, HV, V, VB,
+                         DOT_PRECISION, ROUND_TF32)
 
 
 @triton.jit
 def _chunk_state_kernel(
-    w, u, qg, kd, p, gamma, o, h0, ht, cu_seqlens, chunk_offsets, T,
-    HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q, k, w, u, qg, kd, p, gamma, row_scale, o, h0, ht, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr, SIXTEEN_BIT_PRODUCTS: tl.constexpr,
     ROUND_TF32: tl.constexpr,
@@ -255,6 +371,7 @@ def _chunk_state_kernel(
     i_v = tl.program_id(1)
     i_seq = i_seq_head // HV
     hv = i_seq_head % HV
+    h = hv // (HV // H)
     if IS_VARLEN:
         bos = tl.load(cu_seqlens + i_seq).to(tl.int64)
         eos = tl.load(cu_seqlens + i_seq + 1).to(tl.int64)
@@ -283,14 +400,20 @@ def _chunk_state_kernel(
         mask_k = row_ok[:, None] & k_ok[None, :]
         mask_v = row_ok[:, None] & v_ok[None, :]
         b_w = tl.load(w + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
-        b_qg = tl.load(qg + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
-        b_kd = tl.load(kd + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0).to(tl.float32)
-        b_p = tl.load(p + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
-        b_u = tl.load(u + base[:, None] * V + cols_v[None, :], mask=mask_v, other=0.0)
         if PER_CHANNEL:
+            b_qg = tl.load(qg + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
+            b_kd = tl.load(kd + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0).to(tl.float32)
             b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)[:, None]
         else:
+            # Per-head gate: Qg and Kd are q and k with one scale per row, applied around the products.
+            qk_offsets = (token * H + h)[:, None] * K + cols_k[None, :]
+            b_qg = tl.load(q + qk_offsets, mask=mask_k, other=0.0)
+            b_kd = tl.load(k + qk_offsets, mask=mask_k, other=0.0).to(tl.float32)
+            q_scale = tl.load(row_scale + base * 2, mask=row_ok, other=0.0)
+            k_scale = tl.load(row_scale + base * 2 + 1, mask=row_ok, other=0.0)
             b_gamma = tl.load(gamma + (first_chunk + i_c) * HV + hv)
+        b_p = tl.load(p + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
+        b_u = tl.load(u + base[:, None] * V + cols_v[None, :], mask=mask_v, other=0.0)
         if SIXTEEN_BIT_PRODUCTS:
             # S meets W and Qg in their 16-bit storage dtype: as accurate as the stored W, twice tf32's speed.
             b_S_in = b_S.to(b_w.dtype)
@@ -302,8 +425,15 @@ def _chunk_state_kernel(
         if ROUND_TF32:
             b_new = _round_to_tf32(b_new)  # P (rounded by kernel 1) and Kd (16-bit) are tf32-exact already
         b_o = tl.dot(b_qg, b_S_in, input_precision=DOT_PRECISION)
+        if PER_CHANNEL:
+            b_update = b_new
+        else:
+            b_o = b_o * q_scale[:, None]
+            b_update = b_new * k_scale[:, None]
+            if ROUND_TF32:
+                b_update = _round_to_tf32(b_update)
         b_o += tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
-        b_S = b_S * b_gamma + tl.dot(tl.trans(b_kd), b_new, input_precision=DOT_PRECISION)
+        b_S = b_S * b_gamma + tl.dot(tl.trans(b_kd), b_update, input_precision=DOT_PRECISION)
         tl.store(o + base[:, None] * V + cols_v[None, :], b_o.to(o.dtype.element_ty), mask=mask_v)
 
     if STORE_FINAL_STATE:
@@ -352,40 +482,58 @@ def chunk_delta_rule_triton(
     # W, Qg, Kd in the input dtype for 16-bit inputs (see the module docstring); U and P always fp32.
     store_dtype = q.dtype if sixteen_bit else torch.float32
     dot_precision = "tf32" if sixteen_bit else "tf32x3"
+    # The Triton CPU interpreter mis-multiplies 16-bit dot operands: under it every product runs in fp32.
+    sixteen_bit_products = sixteen_bit and not interpreting()
     block_k = max(16, triton.next_power_of_2(key_dim))
     block_v = max(16, triton.next_power_of_2(value_dim))
+    float32 = {"dtype": torch.float32, "device": device}
     w = torch.empty(total, value_heads, key_dim, dtype=store_dtype, device=device)
-    qg = torch.empty_like(w)
-    kd = torch.empty_like(w)
-    u = torch.empty(total, value_heads, value_dim, dtype=torch.float32, device=device)
-    p = torch.empty(total, value_heads, CHUNK_SIZE, dtype=torch.float32, device=device)
-    gamma = torch.empty(max(n_chunks, 1), value_heads, key_dim if per_channel else 1, dtype=torch.float32,
-                        device=device)
+    # Per-head gate: kernel 2 reads q and k with one scale per row (row_scale) instead of Qg and Kd.
+    qg = torch.empty_like(w) if per_channel else w
+    kd = torch.empty_like(w) if per_channel else w
+    row_scale = w if per_channel else torch.empty(total, value_heads, 2, **float32)
+    u = torch.empty(total, value_heads, value_dim, **float32)
+    p = torch.empty(total, value_heads, CHUNK_SIZE, **float32)
+    gamma = torch.empty(max(n_chunks, 1), value_heads, key_dim if per_channel else 1, **float32)
     out = torch.empty(batch, length, value_heads, value_dim, dtype=q.dtype, device=device)
     final_state = (
-        torch.empty(sequences, value_heads, key_dim, value_dim, dtype=torch.float32, device=device)
-        if output_final_state else None
+        torch.empty(sequences, value_heads, key_dim, value_dim, **float32) if output_final_state else None
     )
+    is_varlen = cu_seqlens is not None
     if n_chunks > 0:
         launch = INTRA_LAUNCH[per_channel]
-        _chunk_intra_kernel[(n_chunks, value_heads)](
-            q, k, v, g, beta, w, u, qg, kd, p, gamma, cu, chunk_indices, scale, length,
-            H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=block_v,
-            KB=min(block_k, launch["block"]), VB=min(block_v, launch["block"]),
-            PER_CHANNEL=per_channel, L2NORM=use_qk_l2norm_in_kernel, IS_VARLEN=cu_seqlens is not None,
-            DOT_PRECISION=dot_precision, ROUND_TF32=sixteen_bit,
-            num_warps=launch["num_warps"], num_stages=1, maxnreg=launch["maxnreg"],
-        )
-    # The Triton CPU interpreter mis-multiplies 16-bit dot operands, so under it the products with S run in fp32.
+        shapes = {"H": heads, "HV": value_heads, "K": key_dim}
+        flags = {"PER_CHANNEL": per_channel, "IS_VARLEN": is_varlen, "DOT_PRECISION": dot_precision,
+                 "ROUND_TF32": sixteen_bit}
+        scores = {"BK": block_k, "KB": min(block_k, launch["block"]), "L2NORM": use_qk_l2norm_in_kernel,
+                  "NATIVE_DOT": sixteen_bit_products, "num_warps": launch["num_warps"], "num_stages": 1,
+                  "maxnreg": launch["maxnreg"]}
+        if launch["split"]:
+            t_matrix = torch.empty(total, value_heads, CHUNK_SIZE, **float32)
+            norms = torch.empty(total, value_heads, 2, **float32)
+            _chunk_scores_kernel[(n_chunks, value_heads)](
+                q, k, g, beta, p, gamma, row_scale, t_matrix, norms, cu, chunk_indices, scale, length,
+                **shapes, **flags, **scores)
+            key_block = min(block_k, launch["apply_block"])
+            value_block = min(block_v, launch["apply_block"])
+            blocks = triton.cdiv(key_dim, key_block) + triton.cdiv(value_dim, value_block)
+            _chunk_apply_kernel[(n_chunks, value_heads, blocks)](
+                q, k, v, g, beta, w, u, qg, kd, gamma, t_matrix, norms, cu, chunk_indices, scale, length,
+                **shapes, V=value_dim, KB=key_block, VB=value_block, **flags, num_warps=launch["apply_warps"])
+        else:
+            _chunk_intra_kernel[(n_chunks, value_heads)](
+                q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu, chunk_indices, scale, length,
+                **shapes, V=value_dim, BV=block_v, VB=min(block_v, launch["block"]), **flags, **scores)
     # 16-bit W/Qg/Kd tiles of up to 128 key channels leave room in shared memory (227 KB) for a second stage: the
     # next chunk's tiles load during this chunk's products.
+    state_launch = STATE_LAUNCH[per_channel]
     pipelined = sixteen_bit and block_k <= 128
-    _chunk_state_kernel[(sequences * value_heads, triton.cdiv(value_dim, STATE_LAUNCH["block_v"]))](
-        w, u, qg, kd, p, gamma, out, initial_state, final_state, cu, chunk_offsets, length,
-        HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=STATE_LAUNCH["block_v"],
-        PER_CHANNEL=per_channel, IS_VARLEN=cu_seqlens is not None,
+    _chunk_state_kernel[(sequences * value_heads, triton.cdiv(value_dim, state_launch["block_v"]))](
+        q, k, w, u, qg, kd, p, gamma, row_scale, out, initial_state, final_state, cu, chunk_offsets, length,
+        H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=state_launch["block_v"],
+        PER_CHANNEL=per_channel, IS_VARLEN=is_varlen,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION=dot_precision, SIXTEEN_BIT_PRODUCTS=sixteen_bit and not interpreting(), ROUND_TF32=sixteen_bit,
-        num_warps=STATE_LAUNCH["num_warps"], num_stages=STATE_LAUNCH["num_stages"] if pipelined else 1,
+        DOT_PRECISION=dot_precision, SIXTEEN_BIT_PRODUCTS=sixteen_bit_products, ROUND_TF32=sixteen_bit,
+        num_warps=state_launch["num_warps"], num_stages=state_launch["num_stages"] if pipelined else 1,
     )
     return out, final_state
