@@ -85,6 +85,17 @@ def _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN: tl.constexpr
 
 
 @triton.jit
+def _chunk_rows(cu_seqlens, chunk_indices, T, H: tl.constexpr, HV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """A stage-1 program's chunk, value head and query/key head (from its grid position), and its 64 rows' tokens
+    with the mask of those inside the sequence."""
+    i_chunk = tl.program_id(0)
+    hv = tl.program_id(1)
+    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    token = token0 + tl.arange(0, 64)
+    return i_chunk, hv, hv // (HV // H), token, token < eos
+
+
+@triton.jit
 def _round_to_tf32(x):
     """Round fp32 to the nearest tf32 value. Tensor cores truncate the 13 low mantissa bits of fp32 operands; the
     bias adds up over the 64-term sums (relative output error 0.0025 instead of 0.0017 against the recurrence)."""
@@ -286,12 +297,7 @@ def _chunk_intra_kernel(
     ROUND_TF32: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """Stage 1, scores and apply steps in one program per chunk and value head."""
-    i_chunk = tl.program_id(0)
-    hv = tl.program_id(1)
-    h = hv // (HV // H)
-    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
-    token = token0 + tl.arange(0, 64)
-    row_ok = token < eos
+    i_chunk, hv, h, token, row_ok = _chunk_rows(cu_seqlens, chunk_indices, T, H, HV, IS_VARLEN)
     b_T, b_beta, q_norm, k_norm, b_G = _chunk_scores(
         q, k, g, beta, p, gamma, row_scale, token, row_ok, i_chunk, h, hv, scale, H, HV, K, BK, KB,
         PER_CHANNEL, L2NORM, DOT_PRECISION, ROUND_TF32, NATIVE_DOT)
@@ -310,13 +316,8 @@ def _chunk_scores_kernel(
     ROUND_TF32: tl.constexpr, NATIVE_DOT: tl.constexpr,
 ):
     """Stage 1, scores step: A, P and T per chunk and value head; stores T and the rows' l2 norms for the apply step."""
-    i_chunk = tl.program_id(0)
-    hv = tl.program_id(1)
-    h = hv // (HV // H)
-    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    i_chunk, hv, h, token, row_ok = _chunk_rows(cu_seqlens, chunk_indices, T, H, HV, IS_VARLEN)
     rows = tl.arange(0, 64)
-    token = token0 + rows
-    row_ok = token < eos
     b_T, _, q_norm, k_norm, _ = _chunk_scores(
         q, k, g, beta, p, gamma, row_scale, token, row_ok, i_chunk, h, hv, scale, H, HV, K, BK, KB,
         PER_CHANNEL, L2NORM, DOT_PRECISION, ROUND_TF32, NATIVE_DOT)
@@ -333,14 +334,9 @@ def _chunk_apply_kernel(
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """Stage 1, apply step: one block of key channels (W, Qg, Kd, gamma) or of value channels (U) per program."""
-    i_chunk = tl.program_id(0)
-    hv = tl.program_id(1)
+    i_chunk, hv, h, token, row_ok = _chunk_rows(cu_seqlens, chunk_indices, T, H, HV, IS_VARLEN)
     i_block = tl.program_id(2)
-    h = hv // (HV // H)
-    token0, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
     rows = tl.arange(0, 64)
-    token = token0 + rows
-    row_ok = token < eos
     base = token * HV + hv
     b_T = tl.load(t_matrix + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
     b_beta = tl.load(beta + base, mask=row_ok, other=0.0).to(tl.float32)
