@@ -72,8 +72,9 @@ VOCAB: tuple[str, ...] = SPECIAL_TOKENS + WORDS
 
 # Seed of the held-out evaluation problems (the training script draws from other seeds).
 EVAL_SEED = 1_000_003
-# Defaults of the evaluation suite: about 1,100 thinking tokens per problem (see dynts/assets/reasoner/TRAINING.md),
-# long enough that a 15% budget leaves room beyond prompt and window.
+# Defaults of the evaluation suite: about 1,000 thinking tokens per problem (see dynts/assets/reasoner/TRAINING.md).
+# At a 25% budget (window 64, keep ratio 0.3) a compaction keeps room for the six saved values beyond the prompt;
+# at 15% its quota barely covers the prompt, so no scorer can succeed there.
 DEFAULT_STEPS = (36, 44)
 DEFAULT_SAVES = 6
 DEFAULT_NOISE = 3
@@ -84,7 +85,7 @@ class TaskConfig:
     """Knobs of the generator.
 
     steps: number of machine steps, an int or an inclusive (low, high) range drawn per problem; the trace
-           has about 24 + 2.8 * noise tokens per step (1,100 tokens at 40 steps and noise 3, 4,000 at 160).
+           has about 20 + 1.4 * noise tokens per step (1,000 tokens at 40 steps and noise 3, 4,000 at 160).
     saves: how many results the answer needs (the needed facts), 1..MAX_SAVES; at most the number of steps.
     noise: distractor level 0..MAX_NOISE: after every step whose result is below ``noise`` the trace tries
            the other operation (a dead end) and re-checks the state.
