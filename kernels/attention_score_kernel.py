@@ -30,6 +30,22 @@ _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
+def _program_rows(key_len_ptr, key_start_ptr, kv_heads, slots, splits, TILES: tl.constexpr):
+    """What a program of either kernel works on, from its id: query tile, key split, (batch, KV head), and that
+    row's cached keys: key_len, key_limit = min(key_len, slots), first_key (left padding ends there)."""
+    program = tl.program_id(0)
+    tile = program % TILES
+    split = (program // TILES) % splits
+    batch_head = program // (TILES * splits)
+    batch = (batch_head // kv_heads).to(tl.int64)
+    kv_head = (batch_head % kv_heads).to(tl.int64)
+    key_len = tl.load(key_len_ptr + batch)
+    key_limit = tl.minimum(key_len, slots)
+    first_key = tl.load(key_start_ptr + batch)
+    return tile, split, batch_head, batch, kv_head, key_len, key_limit, first_key
+
+
+@triton.jit
 def _load_query_tile(
     q_ptr, batch, kv_head, tile, group, window, dim,
     stride_qb, stride_qh, stride_qw, stride_qd,
@@ -82,15 +98,8 @@ def _score_statistics_kernel(
     TILES: tl.constexpr, WINDOW_PAD: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_KEYS: tl.constexpr,
     BLOCK_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FLOAT32: tl.constexpr,
 ):
-    program = tl.program_id(0)
-    tile = program % TILES
-    split = (program // TILES) % splits
-    batch_head = program // (TILES * splits)
-    batch = (batch_head // kv_heads).to(tl.int64)
-    kv_head = (batch_head % kv_heads).to(tl.int64)
-    key_len = tl.load(key_len_ptr + batch)
-    key_limit = tl.minimum(key_len, slots)
-    first_key = tl.load(key_start_ptr + batch)
+    tile, split, batch_head, batch, kv_head, key_len, key_limit, first_key = _program_rows(
+        key_len_ptr, key_start_ptr, kv_heads, slots, splits, TILES)
     queries, position, _ = _load_query_tile(
         q_ptr, batch, kv_head, tile, group, window, dim, stride_qb, stride_qh, stride_qw, stride_qd,
         WINDOW_PAD, BLOCK_ROWS, BLOCK_DIM,
@@ -125,15 +134,8 @@ def _score_reduce_kernel(
     BLOCK_DIM: tl.constexpr, CAUSAL: tl.constexpr, DOT_FLOAT32: tl.constexpr,
     REDUCE_QUERIES: tl.constexpr, REDUCE_GROUP: tl.constexpr,
 ):
-    program = tl.program_id(0)
-    tile = program % TILES
-    split = (program // TILES) % splits
-    batch_head = program // (TILES * splits)
-    batch = (batch_head // kv_heads).to(tl.int64)
-    kv_head = (batch_head % kv_heads).to(tl.int64)
-    key_len = tl.load(key_len_ptr + batch)
-    key_limit = tl.minimum(key_len, slots)
-    first_key = tl.load(key_start_ptr + batch)
+    tile, split, batch_head, batch, kv_head, key_len, key_limit, first_key = _program_rows(
+        key_len_ptr, key_start_ptr, kv_heads, slots, splits, TILES)
     query_count = tl.load(query_count_ptr + batch)
     queries, position, row_exists = _load_query_tile(
         q_ptr, batch, kv_head, tile, group, window, dim, stride_qb, stride_qh, stride_qw, stride_qd,
