@@ -12,7 +12,6 @@ import json
 import pytest
 from dynts.evals import demo
 from dynts.evals.harness import DYNTS, FULL, ORACLE, attention_methods
-from dynts.evals.synthetic_task import bundled_reasoner_path
 
 PROBLEMS = 12
 
