@@ -15,8 +15,8 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dynts.evals.generate_cli", "generate with a DynTSCache from a local HF model"),
     "bench": ("dynts.evals.bench_generate", "full cache vs dynts on a tiny model built from a config"),
-    "label": ("dynts.predictor.label_cli", "reasoning traces -> importance labels and hidden states (predictor data)"),
-    "train-predictor": ("dynts.predictor.train_cli", "train the Importance Predictor head on a label directory"),
+    "label": ("dynts.training.predictor.label_cli", "reasoning traces -> importance labels and hidden states (predictor data)"),
+    "train-predictor": ("dynts.training.predictor.train_cli", "train the Importance Predictor head on a label directory"),
     "eval": ("dynts.evals.harness", "accuracy and cost of every cache policy on a reasoning dataset (JSONL + plots)"),
     "demo": ("dynts.evals.demo", "the bundled tiny reasoner: full cache vs dynts vs attention baselines at a small budget"),
 }

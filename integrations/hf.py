@@ -28,6 +28,7 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from ..compressor import DenseCompressor
 from ..config import CompressionConfig
+from ..modeling import attention_modules, decoder_module
 from ..scorers import Scorer, get_scorer
 
 _UNSUPPORTED_LAYER_TYPES = ("sliding_attention", "chunked_attention", "hybrid_sliding")
@@ -158,8 +159,8 @@ class DynTSCache(Cache):
 
         self.config = config
         self.scorer = scorer
-        attention_modules = _attention_modules(model, set(self.storage_layer_of))
-        first = attention_modules.get(min(self.storage_layer_of))
+        attention = attention_modules(model, set(self.storage_layer_of))
+        first = attention.get(min(self.storage_layer_of))
         eos = eos_token_id if eos_token_id is not None else getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.compressor = DenseCompressor(
             config, scorer, num_layers=len(self.storage_layer_of),
@@ -170,7 +171,7 @@ class DynTSCache(Cache):
         self._model_dtype = next(model.parameters()).dtype
         self._in_forward = False
         self._queries: dict[int, torch.Tensor] = {}
-        self._hooks = self._install_hooks(model, attention_modules)
+        self._hooks = self._install_hooks(model, attention)
         weakref.finalize(self, _remove_hooks, self._hooks)
 
     # ------------------------------------------------------------------ public introspection
@@ -201,7 +202,7 @@ class DynTSCache(Cache):
         _remove_hooks(self._hooks)
 
     # ------------------------------------------------------------------ hooks
-    def _install_hooks(self, model: nn.Module, attention_modules: dict[int, nn.Module]) -> list[Any]:
+    def _install_hooks(self, model: nn.Module, attention: dict[int, nn.Module]) -> list[Any]:
         decoder = decoder_module(model)
         ref = weakref.ref(self)
         handles = [
@@ -209,7 +210,7 @@ class DynTSCache(Cache):
             decoder.register_forward_hook(lambda m, a, k, out: _after_forward(ref, k, out), with_kwargs=True),
         ]
         if self.scorer.needs_queries:
-            for layer_idx, module in attention_modules.items():
+            for layer_idx, module in attention.items():
                 handles.extend(_query_capture_hooks(ref, layer_idx, module))
         return handles
 
@@ -289,26 +290,6 @@ def _query_capture_hooks(ref: weakref.ref, layer_idx: int, attention: nn.Module)
         projection.register_forward_hook(after_projection),
         attention.register_forward_hook(after_attention, with_kwargs=True),
     ]
-
-
-def decoder_module(model: nn.Module) -> nn.Module:
-    """The module that takes ``past_key_values`` and returns the final-norm hidden states."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if decoder is None:
-        decoder = getattr(model, "model", None)
-    if decoder is None or not hasattr(decoder, "forward"):
-        raise ValueError(f"{type(model).__name__}: cannot find the decoder module (tried get_decoder() and .model)")
-    return decoder
-
-
-def _attention_modules(model: nn.Module, layer_indices: set[int]) -> dict[int, nn.Module]:
-    """Map model layer index -> attention module (the module holding ``layer_idx`` and a ``q_proj``/``scaling``)."""
-    found: dict[int, nn.Module] = {}
-    for module in model.modules():
-        layer_idx = getattr(module, "layer_idx", None)
-        if layer_idx in layer_indices and hasattr(module, "scaling") and layer_idx not in found:
-            found[layer_idx] = module
-    return found
 
 
 def _remove_hooks(handles: list[Any]) -> None:

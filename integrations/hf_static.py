@@ -27,7 +27,8 @@ from torch import nn
 from transformers import AttentionInterface
 
 from .. import kernels
-from .hf import DynTSCache, decoder_module
+from ..modeling import decoder_module
+from .hf import DynTSCache
 
 ATTENTION_NAME = "dynts_decode"
 

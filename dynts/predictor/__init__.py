@@ -1,14 +1,14 @@
-"""The DynTS Importance Predictor: attention-derived labels, a small MLP head, its training, and its scorer.
+"""The DynTS Importance Predictor at inference: the trained MLP head and the scorer that runs it while decoding.
 
-    dynts label --model M --data train.jsonl --grader math --out labels/     # traces -> labels + hidden states
-    dynts train-predictor --labels labels/ --out ip-head/                    # trains the head (model frozen)
-    dynts generate --model M --predictor ip-head/ ...                        # scores tokens while decoding
+    from dynts.predictor import PredictorScorer
+    cache = DynTSCache(model, config, scorer=PredictorScorer("ip-head/", model=model))
+
+Training (traces, labels, the head's training loop) is in ``dynts.training.predictor``.
 """
 
 from __future__ import annotations
 
 from .head import ImportancePredictor, ModelIdentity
-from .labels import label_sequence, normalise
 from .scorer import PredictorScorer
 
-__all__ = ["ImportancePredictor", "ModelIdentity", "PredictorScorer", "label_sequence", "normalise"]
+__all__ = ["ImportancePredictor", "ModelIdentity", "PredictorScorer"]

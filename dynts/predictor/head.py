@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..modeling import decoder_module
+
 FORMAT = "dynts-importance-predictor"
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "head.safetensors"
@@ -91,8 +93,6 @@ def model_fingerprint(model: nn.Module) -> torch.Tensor:
     rows = min(_FINGERPRINT_ROWS, embedding.shape[0])
     stride = max(1, embedding.shape[1] // _FINGERPRINT_COLUMNS)
     parts = [embedding[:rows, ::stride].float().reshape(-1).cpu()]
-    from ..integrations.hf import decoder_module
-
     norm = getattr(decoder_module(model), "norm", None)
     weight = getattr(norm, "weight", None)
     if isinstance(weight, torch.Tensor):

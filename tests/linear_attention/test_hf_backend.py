@@ -9,11 +9,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.models.kimi_linear import modeling_kimi_linear
 from transformers.models.qwen3_next import modeling_qwen3_next
 
-from dynts.integrations.hf_linear_attention import (
-    tiny_kimi_linear_config,
-    tiny_qwen3_next_config,
-    use_dynts_linear_attention,
-)
+from hybrid_configs import tiny_kimi_linear_config, tiny_qwen3_next_config
+
+from dynts.integrations.hf_linear_attention import use_dynts_linear_attention
 
 CONFIGS = {"kimi_linear": tiny_kimi_linear_config, "qwen3_next": tiny_qwen3_next_config}
 SERVED = {

@@ -12,7 +12,7 @@ from transformers.cache_utils import LinearAttentionLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from dynts import CompressionConfig, DynTSCache
-from dynts.integrations.hf_linear_attention import tiny_kimi_linear_config, tiny_qwen3_next_config
+from hybrid_configs import tiny_kimi_linear_config, tiny_qwen3_next_config
 
 CONFIGS = {"kimi_linear": tiny_kimi_linear_config, "qwen3_next": tiny_qwen3_next_config}
 GENERATE = dict(do_sample=False, eos_token_id=None, pad_token_id=0)

@@ -14,10 +14,10 @@ from dynts.cli import main
 from dynts.evals.grading import get_grader
 from dynts.evals.synthetic_task import TaskConfig, generate_problems
 from dynts.predictor import ImportancePredictor
-from dynts.predictor import shift
-from dynts.predictor.dataset import LabelSet
-from dynts.predictor.labels import label_sequence
-from dynts.predictor.traces import generate_traces, read_traces
+from dynts.training.predictor import shift
+from dynts.training.predictor.dataset import LabelSet
+from dynts.training.predictor.labels import label_sequence
+from dynts.training.predictor.traces import generate_traces, read_traces
 
 
 def _write_reference_traces(path: Path, count: int) -> None:

@@ -9,7 +9,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from dynts import CompressionConfig, DynTSCache
-from dynts.integrations.hf import decoder_module
+from dynts.modeling import decoder_module
 from dynts.predictor import ImportancePredictor, PredictorScorer
 from tiny_models import ForceToken, left_padded_batch, tiny_model
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dynts.predictor.labels import label_sequence, normalise, row_weights
+from dynts.training.predictor.labels import label_sequence, normalise, row_weights
 from dynts.tracking import find_marker
 from tiny_models import VOCAB, tiny_model
 

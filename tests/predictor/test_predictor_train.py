@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dynts.predictor.dataset import LabelSet, LabelSetWriter
+from dynts.training.predictor.dataset import LabelSet, LabelSetWriter
 from dynts.predictor.head import ModelIdentity
-from dynts.predictor.labels import normalise
-from dynts.predictor.train import TrainConfig, evaluate, recall_at, split_traces, train_predictor
+from dynts.training.predictor.labels import normalise
+from dynts.training.predictor.train import TrainConfig, evaluate, recall_at, split_traces, train_predictor
 
 HIDDEN = 16
 

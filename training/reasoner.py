@@ -8,7 +8,7 @@ and tokenizer, reloads them in fp32 and measures full-cache greedy accuracy on h
 The shipped model was built on one H100 with (the run used ``--steps auto``, which timed a probe and chose
 2060 steps; ``--steps 2060`` replays it):
 
-    python -m dynts.evals.train_reasoner --out dynts/assets/reasoner --seed 0 --steps 2060 \
+    python -m dynts.training.reasoner --out dynts/assets/reasoner --seed 0 --steps 2060 \
         --augment 0.5 --augment-start 0.3 --eval-budget 70 --eval-batch 512 --workers 6 \
         --proxy-problems 256 --proxy-every 1000
 
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
         log_file.write(message + "\n")
         log_file.flush()
 
-    log(f"command: python -m dynts.evals.train_reasoner {' '.join(sys.argv[1:] if argv is None else argv)}")
+    log(f"command: python -m dynts.training.reasoner {' '.join(sys.argv[1:] if argv is None else argv)}")
     device = args.device
     torch.manual_seed(args.seed)
     random.seed(args.seed)

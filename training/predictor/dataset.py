@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .head import ModelIdentity
+from dynts.predictor.head import ModelIdentity
 from .labels import LabelMode, label_sequence
 from .traces import Trace, trace_spans
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..tracking import find_marker
+from dynts.tracking import find_marker
 
 
 @dataclass

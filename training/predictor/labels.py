@@ -36,8 +36,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..config import CompressionConfig
-from ..scorers.base import Scorer, Step
+from dynts.config import CompressionConfig
+from dynts.scorers.base import Scorer, Step
 
 LabelMode = Literal["answer", "future"]
 LABEL_MODES: tuple[str, ...] = ("answer", "future")
@@ -184,7 +184,8 @@ def label_sequence(
     answer_start: answer mode: the first answer row (the position right after the end-of-thinking marker).
     horizon:      future mode: how many later rows count.
     """
-    from ..integrations.hf import DynTSCache, decoder_module
+    from dynts.integrations.hf import DynTSCache
+    from dynts.modeling import decoder_module
 
     if model.training:
         raise ValueError("label_sequence: the model is in training mode (dropout would perturb the labels); call model.eval()")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 from dynts.evals.synthetic_task import VOCAB
-from dynts.evals.train_reasoner import (
+from dynts.training.reasoner import (
     PAD,
     Augmentation,
     ModelShape,

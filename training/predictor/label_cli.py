@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ..config import resolve_think_end
+from dynts.config import resolve_think_end
 from .dataset import build_label_set
 from .labels import LABEL_MODES
 from .traces import generate_traces, read_traces, write_traces
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         traces = read_traces(args.traces, tokenizer, CHAT_TEMPLATE[args.chat_template])
     else:
         if args.synthetic is not None:
-            from ..evals.synthetic_task import EVAL_SEED, generate_problems
+            from dynts.evals.synthetic_task import EVAL_SEED, generate_problems
 
             if args.seed == EVAL_SEED:
                 raise SystemExit(f"dynts label: --seed {EVAL_SEED} draws the evaluation problems; pick another seed")
@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
         if grader_name == "none":
             grader = None
         else:
-            from ..evals.grading import get_grader
+            from dynts.evals.grading import get_grader
 
             grader = get_grader(grader_name)
         traces = generate_traces(

@@ -12,7 +12,7 @@ hidden states computed over a pruned cache. This script measures what that costs
    overlap, and the cosine similarity of the two hidden states (also over the tokens fed after the first
    compaction only: before it the two runs are identical).
 
-    python -m dynts.predictor.shift --model PATH --predictor ip-head/ --synthetic 32 \\
+    python -m dynts.training.predictor.shift --model PATH --predictor ip-head/ --synthetic 32 \\
         --budget 512 --window 128 --keep-ratio 0.3 --max-new-tokens 2048 --out shift.json
 """
 
@@ -28,11 +28,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import CompressionConfig, resolve_think_end
-from .head import ImportancePredictor
+from dynts.config import CompressionConfig, resolve_think_end
+from dynts.predictor.head import ImportancePredictor
 from .label_cli import CHAT_TEMPLATE, add_model_arguments, load_model
 from .labels import LABEL_MODES, label_sequence, normalise
-from .scorer import PredictorScorer
+from dynts.predictor.scorer import PredictorScorer
 from .traces import Trace, prompt_token_ids, trace_spans
 from .train import recall_at
 
@@ -45,7 +45,8 @@ def generate_recording_hidden(
     """Generate a left-padded batch with eviction. Returns per row: the completion ids (up to EOS, exclusive),
     the hidden states [fed tokens, d] of the prompt and completion tokens fed, and the logical position of the
     first token fed after the row's first compaction (None: never compacted)."""
-    from ..integrations.hf import DynTSCache, decoder_module
+    from dynts.integrations.hf import DynTSCache
+    from dynts.modeling import decoder_module
 
     device = next(model.parameters()).device
     width = max(len(prompt) for prompt in prompts)
@@ -158,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
     think_end = resolve_think_end(tokenizer, args.think_end)
     head = ImportancePredictor.load(args.predictor, model=model)
     if args.synthetic is not None:
-        from ..evals.synthetic_task import EVAL_SEED, generate_problems
+        from dynts.evals.synthetic_task import EVAL_SEED, generate_problems
 
         questions = [problem.prompt for problem in generate_problems(args.synthetic, EVAL_SEED)]
     else:
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynts.predictor.shift", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m dynts.training.predictor.shift", description=__doc__.split("\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

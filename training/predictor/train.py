@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .dataset import LabelSet
-from .head import ImportancePredictor
+from dynts.predictor.head import ImportancePredictor
 from .labels import NORMALISATIONS, normalise
 
 LABEL_FIELDS = ("attention", "uniform", "trace")  # every column but the hidden states
