@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Any
 
 from .config import CompressionConfig, resolve_think_end
-from .policy import KeepPlan, protected_slots, select_keep
+from .policy import KeepPlan, plan_compaction, select_keep
 from .scorers import SCORERS, Scorer, get_scorer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "SCORERS", "CompressionConfig", "DynTSCache", "KeepPlan", "Scorer", "get_scorer", "protected_slots",
+    "SCORERS", "CompressionConfig", "DynTSCache", "KeepPlan", "Scorer", "get_scorer", "plan_compaction",
     "resolve_think_end", "select_keep",
 ]
 

@@ -1,38 +1,48 @@
-"""The dense compression loop: scorer -> policy -> storage, one forward pass at a time.
+"""The dense compression loop of the HF integration: scorer -> policy -> slot table + K/V storage, one pass at a time.
 
-Integration-independent. An integration (``dynts.integrations.hf``) calls, per forward pass:
-``begin_step`` (before the model runs), ``write`` (each compressed layer's new K/V; returns what attention reads),
-``observe_queries`` (each layer's queries, if the scorer needs them), ``end_step`` (after the model ran: commits
-the tokens, lets the scorer observe, and compacts the rows whose physical length reached the budget).
+An integration (``dynts.integrations.hf``) calls, per forward pass: ``begin_step`` (before the model runs: which
+fed columns each row keeps), ``write`` (each compressed layer's new K/V; returns what attention reads),
+``observe_queries`` (each layer's queries, if the scorer needs them), ``end_step`` (after the model ran: records
+the tokens, lets the scorer observe them, drops padding and compacts the rows whose physical length reached their
+trigger). ``start_call`` marks the start of a generation call (its input columns are protected, its EOS ids apply).
+``StaticSession`` (``static_session``) runs fixed-shape one-token steps whose device work a CUDA graph can capture.
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .config import CompressionConfig
-from .policy import protected_slots, select_keep
-from .scorers.base import ModelGeometry, Scorer, Step, to_granularity
+from .policy import KeepPlan, OverflowNotice, next_trigger, plan_compaction
+from .scorers.base import CacheView, ModelGeometry, Scorer, Step
+from .slots import SlotTable
 from .stats import CacheStats, Stopwatch
 from .storage import KVStorage
-from .tracking import SequenceTracker
+from .tracking import SequenceTracker, StepPlan
+
+# Called after each compaction with (rows, positions held before, positions kept), per row, for layer 0 / head 0.
+CompactionObserver = Callable[[list[int], list[torch.Tensor], list[torch.Tensor]], None]
+
+
+@dataclass
+class _Call:
+    input_end: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
 
 
 @dataclass
 class _Pending:
-    num_new: int
-    stored_count: list[int]
-    prefill: bool
+    plan: StepPlan
     input_ids: torch.Tensor | None
     step: Step | None = None
 
 
 class DenseCompressor:
-    """Owns the storage, the scorer binding, the sequence tracker and the stats of one batch of sequences."""
+    """Owns the K/V storage, the slot table, the scorer binding, the sequence tracker and the stats of one batch."""
 
     def __init__(
         self,
@@ -43,25 +53,28 @@ class DenseCompressor:
         query_heads: int | None = None,
         scale: float | None = None,
         eos_token_ids: Sequence[int] = (),
+        pad_token_id: int | None = None,
+        history_limit: int = 4096,
     ) -> None:
         if num_layers <= 0:
             raise ValueError(f"num_layers must be > 0, got {num_layers}")
+        scorer.validate(config)
         self.config, self.scorer = config, scorer
         self.num_layers, self.query_heads, self.scale = num_layers, query_heads, scale
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.storage: KVStorage | None = None
+        # Used by loops that never call start_call (a manual loop over the model's forward).
+        self.default_call = _Call(0, tuple(eos_token_ids), pad_token_id)
+        self.kv: KVStorage | None = None
+        self.slots: SlotTable | None = None
         self.tracker: SequenceTracker | None = None
-        self._stats = CacheStats()
+        self._stats = CacheStats(history_limit=history_limit)
         self.stopwatch: Stopwatch | None = None
+        self.compaction_observer: CompactionObserver | None = None
+        self.session: StaticSession | None = None
         self._pending: _Pending | None = None
-        self._sequence_start: torch.Tensor | None = None
-        self._warned_overflow = False
-        # Per row, the physical length that triggers the next compaction (``CompressionConfig.next_trigger``).
-        self._trigger: list[int] = []
-        # Static decoding (see ``enter_static``): fixed-shape one-token steps, no host work inside a step.
-        self.static = False
-        self._static_step: Step | None = None
-        self._static_active: torch.Tensor | None = None
+        self._call: _Call | None = None  # a start_call waiting for its first forward pass
+        self._history_mask: torch.Tensor | None = None
+        self._triggers: list[int] = []  # per row, the physical length that triggers its next compaction
+        self._overflow = OverflowNotice()
 
     @property
     def stats(self) -> CacheStats:
@@ -74,173 +87,200 @@ class DenseCompressor:
     # ------------------------------------------------------------------ lengths
     @property
     def logical_len(self) -> int:
+        """Columns fed before the current step (during a forward pass: its tokens' first position, which the model
+        reads through ``get_seq_length`` for RoPE)."""
+        if self._pending is not None:
+            return self._pending.plan.first_column
         return 0 if self.tracker is None else self.tracker.logical_len
 
     @property
     def max_physical_len(self) -> int:
-        return 0 if self.storage is None else max(self.storage.physical_len_host)
+        return 0 if self.slots is None else max(self.slots.physical_len_host)
 
     def is_aligned(self) -> bool:
-        """True while every row's physical length equals the logical length (nothing evicted or skipped)."""
-        return self.storage is None or all(length == self.logical_len for length in self.storage.physical_len_host)
+        """True while every row holds every column fed before the announced step (nothing evicted, dropped or
+        skipped): the model's own 2D padding mask then describes the cache exactly."""
+        return self.slots is None or all(length == self.logical_len for length in self.slots.physical_len_host)
 
     # ------------------------------------------------------------------ step protocol
+    def start_call(self, input_end: int, eos_token_ids: Sequence[int], pad_token_id: int | None) -> None:
+        """A generation call begins: columns ``[logical_len, input_end)`` are its input (protected with
+        ``protect_prompt``; never scanned for EOS); rows finish on ``eos_token_ids`` and must then be fed
+        ``pad_token_id``. Rows that finished an earlier call continue."""
+        if self._pending is not None:
+            raise RuntimeError("start_call during a forward pass")
+        self._call = _Call(int(input_end), tuple(eos_token_ids), pad_token_id)
+
     def begin_step(
         self,
         *,
         batch_size: int,
         num_new: int,
         input_ids: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
-        """Announce a forward pass adding ``num_new`` tokens to each of ``batch_size`` rows.
+        """Announce a forward pass adding ``num_new`` columns to each of ``batch_size`` rows.
 
-        ``padding_mask`` ([rows, logical_len + num_new], 1 = real token) may mark left padding in the first pass.
+        ``attention_mask``: the 2D padding mask (1 = real token) over all columns so far plus the new ones, or over
+        the new ones only. Padding anywhere is allowed: a row keeps only its real columns.
         """
         if self._pending is not None:
             raise RuntimeError("begin_step called twice without end_step (an interrupted forward pass?)")
-        prefill = self.tracker is None
-        if prefill:
-            self.tracker = SequenceTracker(batch_size, self.config.think_end, self.eos_token_ids)
-            self.tracker.start(num_new, _left_pad_counts(padding_mask, num_new, batch_size))
-            self._trigger = [self.config.budget] * batch_size
-        else:
-            if batch_size != self.tracker.batch_size:
-                raise ValueError(
-                    f"batch size changed from {self.tracker.batch_size} to {batch_size}; use a new cache per batch"
-                )
-            if padding_mask is not None and not bool(padding_mask[:, -num_new:].all()):
-                raise ValueError("attention_mask: padding is only supported on the left of the prompt")
-        self._pending = _Pending(num_new, self.tracker.stored_counts(num_new), prefill, input_ids)
-        if self.storage is not None:
-            self.storage.ensure_capacity(self.max_physical_len + num_new)
+        if self.session is not None:
+            raise RuntimeError("a static decoding session is active; close it before running the model normally")
+        if self.tracker is None:
+            self.tracker = SequenceTracker(batch_size, self.config.think_end, protect_prompt=self.config.protect_prompt,
+                                           protect_answer=self.config.protect_answer)
+            self._triggers = [self.config.trigger] * batch_size
+            if self._call is None:  # a manual loop: the first pass is the prompt
+                self._call = _Call(num_new, self.default_call.eos_token_ids, self.default_call.pad_token_id)
+        elif batch_size != self.tracker.rows:
+            raise ValueError(f"batch size changed from {self.tracker.rows} to {batch_size}; use a new cache per batch")
+        new_mask, history_mask = _split_mask(attention_mask, batch_size, self.logical_len, num_new)
+        if self._call is not None:
+            call, self._call = self._call, None
+            self.tracker.start_call(call.input_end, call.eos_token_ids, call.pad_token_id)
+            if self.logical_len:
+                if history_mask is None:  # no mask (generate drops an all-ones one): every earlier column is real
+                    history_mask = torch.ones(batch_size, self.logical_len, dtype=torch.long)
+                self._apply_history_mask(history_mask)
+        tokens = None if input_ids is None else input_ids.tolist()
+        mask = None if new_mask is None or bool(new_mask.all()) else new_mask.tolist()
+        plan = self.tracker.feed(num_new, tokens, mask)
+        self._pending = _Pending(plan, input_ids)
+        if self.slots is not None:
+            self._ensure_capacity(self.max_physical_len + num_new)
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new K/V ([rows, heads, new, dim]); return the [rows, heads, length, dim] views attention reads."""
-        if self.static:
-            self.storage.write_rows(layer, key_states, value_states, self._static_step.slots)
-            return self.storage.keys[layer], self.storage.values[layer]
+        if self.session is not None:
+            return self.session.write(layer, key_states, value_states)
         pending = self._require_pending()
-        if key_states.shape[2] != pending.num_new:
-            raise ValueError(f"layer {layer} wrote {key_states.shape[2]} tokens; the step announced {pending.num_new}")
-        if self.storage is None:
+        if key_states.shape[2] != pending.plan.num_new:
+            raise ValueError(f"layer {layer} wrote {key_states.shape[2]} tokens; the step announced {pending.plan.num_new}")
+        if self.kv is None:
             self._allocate(key_states, value_states)
         step = self._current_step()
-        self.storage.write(layer, key_states, value_states, step.slots)
-        length = self.max_physical_len + pending.num_new
-        return self.storage.keys[layer, :, :, :length], self.storage.values[layer, :, :, :length]
+        lengths = self.slots.physical_len_host
+        same_start = lengths[0] if all(length == lengths[0] for length in lengths) else None
+        self.kv.write(layer, key_states, value_states, step.slots, first_slot=same_start)
+        length = self.max_physical_len + pending.plan.num_new
+        return self.kv.keys[layer, :, :, :length], self.kv.values[layer, :, :, :length]
 
     def observe_queries(self, layer: int, queries: torch.Tensor) -> None:
         """``queries`` [rows, q_heads, new, head_dim] (post-RoPE) of a layer whose K/V this step already wrote."""
         step = self._current_step()
-        with self.stopwatch.measure("scoring"):
-            self.scorer.on_layer(layer, queries, step)
+        with torch.no_grad(), self.stopwatch.measure("scoring"):
+            self.scorer.on_layer(layer, queries.detach(), step)
 
     def end_step(self, hidden_states: torch.Tensor | None = None) -> None:
-        """Commit the step's tokens, let the scorer observe them, and compact the rows that reached the budget."""
+        """Record the step's tokens, let the scorer observe them, drop padding, compact the rows that are full."""
         pending = self._require_pending()
-        if self.storage is None:
+        if self.kv is None:
             raise RuntimeError("end_step: no layer wrote K/V during this forward pass")
         step = self._current_step()
-        step.hidden_states = hidden_states if self.scorer.needs_hidden_states else None
-        storage, tracker = self.storage, self.tracker
-        storage.commit(step.slots, step.positions, pending.stored_count)
-        new_tokens = None if pending.input_ids is None else pending.input_ids.tolist()
-        tracker.advance(new_tokens, pending.num_new, pending.prefill)
-        with self.stopwatch.measure("scoring"):
+        if self.scorer.needs_hidden_states:
+            step.hidden_states = None if hidden_states is None else hidden_states.detach()
+        slots = self.slots
+        slots.set_positions(step.slots, torch.where(step.stored, step.positions, -1))
+        with torch.no_grad(), self.stopwatch.measure("scoring"):
             self.scorer.on_step(step)
         self._pending = None
-        if pending.prefill and any(tracker.sequence_start):
-            self._drop_left_padding()
-        full = [row for row, length in enumerate(storage.physical_len_host) if length >= self._trigger[row]]
-        if full:
-            self._compact(full)
+        self._settle(pending.plan)
+        self.compact_full_rows()
         self._record_stats()
 
-    # ------------------------------------------------------------------ static decoding
-    def enter_static(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Switch to fixed-shape one-token steps whose device work can be captured in a CUDA graph.
-
-        ``input_ids`` ([rows, 1]) is the buffer the driving loop feeds each step. In this mode ``write`` stores at
-        each row's physical end and returns the whole capacity (attention takes the lengths from
-        ``physical_len + 1``); ``static_commit`` (device only) runs inside the step; ``static_advance`` (host)
-        runs after it. Returns the device ``active`` mask ([rows] bool) the loop keeps equal to the unfinished rows.
-        """
-        if self.storage is None or self._pending is not None:
-            raise RuntimeError("enter_static needs a prefilled cache and no step in progress")
-        if self.scorer.needs_queries:
-            raise ValueError(f"static decoding supports scorers that need no attention queries, not {self.scorer.name!r}")
-        storage = self.storage
-        self._static_active = torch.tensor([not done for done in self.tracker.finished], device=storage.device)
-        self._static_step = Step(
-            input_ids=input_ids, hidden_states=None, slots=storage.physical_len.view(-1, 1),
-            positions=torch.full((storage.batch_size, 1), self.logical_len, dtype=torch.long, device=storage.device),
-            stored_count=self._static_active.long(), key_len=storage.physical_len + 1,
-            key_start=torch.zeros(storage.batch_size, dtype=torch.long, device=storage.device),
-        )
-        self.static = True
-        return self._static_active
-
-    def static_lengths(self) -> torch.Tensor:
-        """Device-only start of a static step: each row's attention length (its held tokens plus the new one)."""
-        key_len = self._static_step.key_len
-        key_len.copy_(self.storage.physical_len + 1)
-        return key_len
-
-    def exit_static(self) -> None:
-        self.static = False
-        self._static_step = None
-
-    def static_commit(self, hidden_states: torch.Tensor | None) -> None:
-        """Device-only end of a static step: slot positions, scorer observation, physical lengths."""
-        step, storage, active = self._static_step, self.storage, self._static_active
-        step.hidden_states = hidden_states if self.scorer.needs_hidden_states else None
-        step.stored_count.copy_(active)
-        index = step.slots.view(1, -1, 1, 1).expand(storage.layers_g, -1, storage.heads_g, 1)
-        held = torch.where(active.view(-1, 1), step.positions, torch.full_like(step.positions, -1))
-        storage.positions.scatter_(3, index, held.view(1, -1, 1, 1).expand_as(index))
-        self.scorer.on_step(step)
-        storage.physical_len += active
-        step.positions += 1
-
-    def static_advance(self, fed_tokens: list[list[int]]) -> bool:
-        """Host side of a static step that fed ``fed_tokens``: lengths, tracker, compaction, stats.
-
-        Returns True when the set of active rows changed (the loop must refresh the device mask).
-        """
-        storage, tracker = self.storage, self.tracker
-        before = list(tracker.finished)
-        for row, done in enumerate(before):
-            storage.physical_len_host[row] += 0 if done else 1
-        tracker.advance(fed_tokens, 1, prefill=False)
-        full = [row for row, length in enumerate(storage.physical_len_host) if length >= self._trigger[row]]
-        if full:
-            self._compact(full)
-        storage.ensure_capacity(self.max_physical_len + 1)  # a growth re-captures the decoder's graph
-        self._record_stats()
-        if tracker.finished != before:
-            self._static_active.copy_(torch.tensor([not done for done in tracker.finished]))
-            return True
-        return False
-
-    # ------------------------------------------------------------------ introspection
-    def attention_mask(self, num_new: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask [rows, 1, new, length] for the coming step when rows are not aligned: each row sees its
-        own physical slots plus its new tokens causally."""
-        storage = self.storage
+    def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [rows, 1, new, length] for the announced step when rows are not aligned: each row sees its
+        own held slots plus its kept new tokens causally (and each new token itself)."""
+        pending = self._require_pending()
+        device = self.slots.device
+        num_new = pending.plan.num_new
+        stored = torch.tensor(pending.plan.stored, dtype=torch.bool, device=device)
         length = self.max_physical_len + num_new
-        slot = torch.arange(length, device=storage.device).view(1, 1, -1)
-        physical = storage.physical_len.view(-1, 1, 1)
-        query = torch.arange(num_new, device=storage.device).view(1, -1, 1)
-        visible = slot <= physical + query  # own past plus new tokens up to itself
-        mask = torch.zeros(visible.shape, dtype=dtype, device=storage.device)
+        slot = torch.arange(length, device=device).view(1, 1, -1)
+        physical = self.slots.physical_len.view(-1, 1, 1)
+        query = torch.arange(num_new, device=device).view(1, -1, 1)
+        offset = slot - physical  # index among the new tokens (negative: a held slot)
+        in_new = (offset >= 0) & (offset < num_new)
+        index = offset.clamp(0, num_new - 1).expand(stored.shape[0], 1, length)
+        new_kept = torch.gather(stored.unsqueeze(1), 2, index) & in_new
+        visible = (slot < physical) | (new_kept & (offset <= query)) | (offset == query)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=device)
         mask.masked_fill_(~visible, torch.finfo(dtype).min)
         return mask.unsqueeze(1)
 
     def resident_positions(self, layer: int) -> list[torch.Tensor]:
-        if self.storage is None:
-            return []
-        return self.storage.resident_positions(layer)
+        return [] if self.slots is None else self.slots.resident_positions(layer)
+
+    # ------------------------------------------------------------------ compaction
+    def compact_full_rows(self) -> None:
+        """Compact every row at or above its trigger, again while a compaction leaves it there (a prompt far longer
+        than the budget) and still removes tokens."""
+        lengths = self.slots.physical_len_host
+        full = [row for row, length in enumerate(lengths) if length >= self._triggers[row]]
+        while full:
+            before = {row: lengths[row] for row in full}
+            self.compact(full)
+            full = [row for row in full if before[row] > lengths[row] >= self._triggers[row]]
+
+    def compact(self, rows: list[int]) -> KeepPlan:
+        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state."""
+        slots, tracker = self.slots, self.tracker
+        rows_t = torch.tensor(rows, device=slots.device)
+        held = [slots.physical_len_host[row] for row in rows]
+        before = self._observed_positions(rows)
+        with torch.no_grad():
+            with self.stopwatch.measure("scoring"):
+                scores = self.scorer.score(rows_t)
+            with self.stopwatch.measure("eviction"):
+                plan = plan_compaction(
+                    scores, slots.positions[:, rows_t], slots.physical_len[rows_t],
+                    [tracker.protected_spans[row] for row in rows], self.config,
+                    num_layers=slots.num_layers, kv_heads=slots.kv_heads,
+                )
+                self._apply(rows_t, plan)
+        kept = plan.keep_count.tolist()
+        for row, count, overflow in zip(rows, kept, plan.overflow.tolist()):
+            self._triggers[row] = next_trigger(self.config, count, overflow)
+        self._stats.compactions += len(rows)
+        self._stats.evicted_tokens += sum(held) - sum(kept)
+        if before is not None and self.compaction_observer is not None:
+            self.compaction_observer(rows, before, self._observed_positions(rows))
+        self._overflow.check(plan.overflow)
+        return plan
+
+    def _observed_positions(self, rows: list[int]) -> list[torch.Tensor] | None:
+        if self.compaction_observer is None:
+            return None
+        table = self.slots.positions[0, :, 0]
+        return [table[row, : self.slots.physical_len_host[row]].cpu() for row in rows]
+
+    def _apply(self, rows: torch.Tensor, plan: KeepPlan) -> None:
+        self.kv.compact(rows, plan.keep_index, plan.keep_count)
+        self.slots.compact(rows, plan.keep_index, plan.keep_count)
+
+    def _drop_slots(self, keep: dict[int, list[int]]) -> None:
+        """Keep only the listed slots of some rows (padding, masked history): not an eviction, nothing is scored."""
+        rows = sorted(keep)
+        width = max(len(keep[row]) for row in rows)
+        keep_index = torch.zeros(1, len(rows), 1, max(width, 1), dtype=torch.long)
+        for i, row in enumerate(rows):
+            keep_index[0, i, 0, : len(keep[row])] = torch.tensor(keep[row], dtype=torch.long)
+        device = self.slots.device
+        keep_count = torch.tensor([len(keep[row]) for row in rows], device=device)
+        self._apply(torch.tensor(rows, device=device), KeepPlan(keep_index.to(device), keep_count, keep_count < 0))
+
+    # ------------------------------------------------------------------ static decoding
+    def static_session(self, input_ids: torch.Tensor, pad_token_id: int) -> "StaticSession":
+        """Switch to fixed-shape one-token steps (see ``StaticSession``); ``input_ids`` ([rows, 1]) is the buffer the
+        driving loop feeds each step."""
+        if self.slots is None or self._pending is not None or self.session is not None:
+            raise RuntimeError("a static session needs a prefilled cache, no step in progress and no other session")
+        if self.scorer.needs_queries:
+            raise ValueError(f"static decoding supports scorers that need no attention queries, not {self.scorer.name!r}")
+        self.session = StaticSession(self, input_ids, pad_token_id)
+        return self.session
 
     # ------------------------------------------------------------------ internals
     def _require_pending(self) -> _Pending:
@@ -249,108 +289,233 @@ class DenseCompressor:
         return self._pending
 
     def _allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, kv_heads, num_new, key_dim = key_states.shape
-        if self.tracker.batch_size != batch:
-            raise ValueError(f"K/V batch {batch} does not match the step's batch {self.tracker.batch_size}")
-        self.storage = KVStorage(
-            num_layers=self.num_layers, batch_size=batch, kv_heads=kv_heads, key_dim=key_dim,
-            value_dim=value_states.shape[-1], value_heads=value_states.shape[1],
-            capacity=max(self.config.budget, num_new), dtype=key_states.dtype, device=key_states.device,
-            config=self.config,
+        rows, kv_heads, num_new, key_dim = key_states.shape
+        if self.tracker.rows != rows:
+            raise ValueError(f"K/V batch {rows} does not match the step's batch {self.tracker.rows}")
+        capacity = max(self.config.trigger, num_new)
+        device, granularity = key_states.device, self.config.granularity
+        self.kv = KVStorage(
+            num_layers=self.num_layers, rows=rows, kv_heads=kv_heads, key_dim=key_dim, value_dim=value_states.shape[-1],
+            value_heads=value_states.shape[1], capacity=capacity, dtype=key_states.dtype, device=device,
         )
-        self.stopwatch = Stopwatch(self.storage.device)
-        self._sequence_start = torch.tensor(self.tracker.sequence_start, device=self.storage.device)
+        if granularity == "per_kv_head" and value_states.shape[1] != kv_heads:
+            raise ValueError(
+                f"granularity='per_kv_head' needs as many value heads as key heads (got {value_states.shape[1]} and {kv_heads})"
+            )
+        row_start = [self.logical_len if start is None else start for start in self.tracker.row_start]
+        self.slots = SlotTable(
+            rows=rows, capacity=capacity, layers_g=1 if granularity == "shared" else self.num_layers,
+            heads_g=kv_heads if granularity == "per_kv_head" else 1, num_layers=self.num_layers, kv_heads=kv_heads,
+            device=device, row_start=torch.tensor(row_start),
+        )
+        self.stopwatch = Stopwatch(torch.device(device))
+        if self.scorer.needs_queries and self.query_heads is None:
+            raise ValueError(f"scorer {self.scorer.name!r} needs attention queries, which this integration cannot capture")
         geometry = ModelGeometry(
             num_layers=self.num_layers, q_heads=self.query_heads or kv_heads, kv_heads=kv_heads, head_dim=key_dim,
             scale=self.scale if self.scale is not None else key_dim**-0.5,
         )
-        if self.scorer.needs_queries and self.query_heads is None:
-            raise ValueError(f"scorer {self.scorer.name!r} needs attention queries, which this integration cannot capture")
-        self.scorer.bind(self.storage, geometry, self._sequence_start)
+        kv = self.kv
+        self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=lambda layer: kv.keys[layer]))
+
+    def _ensure_capacity(self, needed: int) -> None:
+        if self.kv.ensure_capacity(needed):
+            self.slots.ensure_capacity(self.kv.capacity)
 
     def _current_step(self) -> Step:
         pending = self._require_pending()
         if pending.step is None:
-            storage, tracker = self.storage, self.tracker
-            device = storage.device
-            num_new = pending.num_new
-            positions = tracker.logical_len + torch.arange(num_new, device=device).view(1, -1).expand(storage.batch_size, -1)
-            key_start = torch.zeros(storage.batch_size, dtype=torch.long, device=device)
-            if pending.prefill:
-                key_start = self._sequence_start.clone()
-                positions = torch.where(positions < key_start.view(-1, 1), -1, positions)  # left padding
-            stored = torch.tensor(pending.stored_count, dtype=torch.long, device=device)
-            if pending.prefill:
-                stored = stored - key_start  # padding queries are not real queries
-            pending.step = Step(
-                input_ids=pending.input_ids, hidden_states=None, slots=storage.write_slots(num_new),
-                positions=positions, stored_count=stored, key_len=storage.physical_len + num_new, key_start=key_start,
-            )
+            pending.step = self._build_step(pending.plan, pending.input_ids)
+            self.slots.claim(pending.step.slots)
         return pending.step
 
-    def _drop_left_padding(self) -> None:
-        storage, starts = self.storage, self.tracker.sequence_start
-        rows = [row for row, pad in enumerate(starts) if pad]
-        lengths = [storage.physical_len_host[row] - starts[row] for row in rows]
-        width = max(lengths)
-        keep_index = torch.zeros(1, len(rows), 1, width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            keep_index[0, i, 0, : lengths[i]] = torch.arange(starts[row], storage.physical_len_host[row])
-        storage.compact(
-            torch.tensor(rows, device=storage.device), keep_index.to(storage.device),
-            torch.tensor(lengths, device=storage.device),
+    def _build_step(self, plan: StepPlan, input_ids: torch.Tensor | None) -> Step:
+        slots = self.slots
+        device, num_new, rows = slots.device, plan.num_new, slots.rows
+        stored = torch.tensor(plan.stored, dtype=torch.bool, device=device).view(rows, num_new)
+        positions = (plan.first_column + torch.arange(num_new, device=device)).view(1, -1).expand(rows, -1)
+        step = Step(
+            input_ids=None if input_ids is None else input_ids.to(device), hidden_states=None,
+            slots=slots.write_slots(num_new), positions=positions, stored=stored,
+            key_len=slots.physical_len + num_new, all_stored=all(all(row) for row in plan.stored),
         )
+        counts = plan.stored_counts()
+        suffix = [all(kept == (offset >= num_new - count) for offset, kept in enumerate(row))
+                  for row, count in zip(plan.stored, counts)]
+        regular = all(ok and (count in (0, num_new) or length == 0)
+                      for ok, count, length in zip(suffix, counts, slots.physical_len_host))
+        if regular:
+            step.query_count = torch.tensor(counts, device=device)
+            step.key_start = torch.tensor([num_new - count if 0 < count < num_new else 0 for count in counts], device=device)
+        else:
+            step.query_valid = stored
+            width = self.max_physical_len + num_new
+            slot = torch.arange(width, device=device).view(1, -1)
+            offset = slot - slots.physical_len.view(-1, 1)
+            index = offset.clamp(0, num_new - 1)
+            step.key_valid = (offset < 0) | (torch.gather(stored, 1, index) & (offset < num_new))
+        return step
 
-    def _compact(self, rows: list[int]) -> None:
-        storage, tracker = self.storage, self.tracker
-        device = storage.device
-        rows_t = torch.tensor(rows, device=device)
-        width = max(storage.physical_len_host[row] for row in rows)
-        with self.stopwatch.measure("scoring"):
-            raw = self.scorer.score(rows_t)
-            scores = to_granularity(raw, storage.layers_g, storage.heads_g, storage.num_layers, storage.kv_heads)
-            scores = scores[..., :width]
-        with self.stopwatch.measure("eviction"):
-            positions = storage.positions[:, rows_t, :, :width]
-            protected = protected_slots(
-                positions,
-                torch.tensor([tracker.prompt_end[row] for row in rows], device=device),
-                torch.tensor([tracker.answer_start[row] for row in rows], device=device),
-                self.config,
+    def _settle(self, plan: StepPlan) -> None:
+        """After a pass: lengths grow by the kept tokens; kept tokens that follow dropped ones move up."""
+        slots = self.slots
+        keep: dict[int, list[int]] = {}
+        growth = []
+        for row, kept in enumerate(plan.stored):
+            count = sum(kept)
+            if all(kept[:count]):  # kept tokens first: the dropped ones sit past the new end already
+                growth.append(count)
+                continue
+            growth.append(plan.num_new)
+            start = slots.physical_len_host[row]
+            keep[row] = list(range(start)) + [start + offset for offset, value in enumerate(kept) if value]
+        slots.grow_lengths(growth)
+        if keep:
+            self._drop_slots(keep)
+
+    def _apply_history_mask(self, history_mask: torch.Tensor) -> None:
+        """A new call's mask over earlier columns: columns it masks out leave the cache; columns it marks real that the
+        cache never kept (padding, after a row's EOS) cannot be restored: an error."""
+        tracker, slots = self.tracker, self.slots
+        mask_rows = history_mask.tolist()
+        problems = []
+        for row in range(tracker.rows):
+            columns = tracker.unkept_but_real(row, mask_rows[row])
+            if columns:
+                problems.append(f"row {row}: columns {columns[:5]}{'...' if len(columns) > 5 else ''}")
+        if problems:
+            raise ValueError(
+                "attention_mask marks as real some earlier columns this cache never kept (padding, or tokens after a "
+                "row's EOS, which a finished row does not keep): " + "; ".join(problems) + ". Pass an attention_mask "
+                "that masks them (0), as for the padding of the first call"
             )
-            plan = select_keep(scores, storage.physical_len[rows_t], protected, self.config)
-            storage.compact(rows_t, plan.keep_index, plan.keep_count)
-        for row, kept in zip(rows, plan.keep_count.tolist()):
-            self._trigger[row] = self.config.next_trigger(kept)
-        self._stats.evictions += len(rows)
-        if not self._warned_overflow and bool(plan.overflow.any()):
-            self._warned_overflow = True
-            warnings.warn(
-                "dynts: protected tokens (prompt / answer) exceed the keep quota of a compaction; all of them are "
-                "kept, and the row grows past the budget: it is next compacted after the usual growth "
-                "(budget - compacted length) (warned once per cache)",
-                RuntimeWarning, stacklevel=2,
-            )
+        if slots is None:
+            return
+        positions = slots.positions[:, :, :, : self.max_physical_len]
+        visible = torch.gather(history_mask.to(slots.device).bool(), 1, positions[0, :, 0].clamp(min=0))
+        resident = positions[0, :, 0] >= 0
+        if slots.layers_g > 1 or slots.heads_g > 1:
+            if bool((resident & ~visible).any()):
+                raise ValueError(
+                    "attention_mask masks out earlier tokens of a reused cache: supported with granularity='shared' "
+                    f"only (this cache uses {self.config.granularity!r})"
+                )
+            return
+        keep = {}
+        for row in range(tracker.rows):
+            length = slots.physical_len_host[row]
+            row_visible = visible[row, :length]
+            if bool(row_visible.all()):
+                continue
+            dropped = positions[0, row, 0, :length][~row_visible].tolist()
+            for column in dropped:
+                tracker.unkept[row].append((column, column + 1))
+            tracker.unkept[row].sort()
+            keep[row] = torch.nonzero(row_visible).flatten().tolist()
+        if keep:
+            self._drop_slots(keep)
 
     def _record_stats(self) -> None:
-        storage, stats = self.storage, self._stats
-        stats.physical_len_history.append(list(storage.physical_len_host))
-        stats.peak_resident_kv_bytes = max(stats.peak_resident_kv_bytes, storage.resident_kv_bytes())
-        stats.allocated_kv_bytes = storage.allocated_bytes()
-        stats.reallocations = storage.reallocations
+        stats = self._stats
+        stats.record_step(self.slots.physical_len_host, self.kv.bytes_per_token)
+        stats.allocated_kv_bytes = self.kv.allocated_bytes() + self.slots.state_bytes()
+        stats.reallocations = self.slots.reallocations
 
 
-def _left_pad_counts(padding_mask: torch.Tensor | None, num_new: int, batch_size: int) -> list[int]:
-    """Leading zeros per row of a [rows, num_new] mask; raises if a zero follows a one (right/inner padding)."""
-    if padding_mask is None:
-        return [0] * batch_size
-    if padding_mask.dim() != 2 or padding_mask.shape != (batch_size, num_new):
-        raise ValueError(
-            f"attention_mask must be a [batch, prompt_len] = [{batch_size}, {num_new}] padding mask, "
-            f"got shape {tuple(padding_mask.shape)}"
+class StaticSession:
+    """Fixed-shape one-token decode steps over a prefilled ``DenseCompressor``, for a CUDA-graph-captured loop.
+
+    Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length),
+    ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer observation, device
+    lengths). Between steps ``advance`` does the host work: tracking of the fed tokens, compactions in place, stats.
+    Buffers only move on a capacity growth, after which the driver must capture again (``advance`` says so).
+    """
+
+    def __init__(self, compressor: DenseCompressor, input_ids: torch.Tensor, pad_token_id: int) -> None:
+        self.compressor = compressor
+        slots = compressor.slots
+        self.pad_token_id = pad_token_id
+        rows = slots.rows
+        self.active = torch.tensor([not done for done in compressor.tracker.finished], device=slots.device)
+        self.step = Step(
+            input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
+            positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=slots.device),
+            stored=self.active.view(-1, 1).clone(), key_len=slots.physical_len + 1,
+            query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=slots.device),
         )
-    real = padding_mask.bool()
-    counts = (~real).long().cumprod(dim=1).sum(dim=1)  # leading zeros
-    if bool((real.sum(dim=1) + counts != num_new).any()):
-        raise ValueError("attention_mask: only left padding is supported (set tokenizer.padding_side='left')")
-    return counts.tolist()
+
+    def close(self) -> None:
+        self.compressor.session = None
+
+    def state_buffers(self) -> list[torch.Tensor]:
+        """The device buffers a step changes (a driver that runs a warm-up step before capture restores them)."""
+        return [self.compressor.slots.physical_len, self.step.positions]
+
+    # ------------------------------------------------------------------ device side (capturable)
+    def lengths(self) -> torch.Tensor:
+        """Start of a step: each row's attention length (held tokens plus the new one); claims the new slots."""
+        slots = self.compressor.slots
+        self.step.key_len.copy_(slots.physical_len + 1)
+        slots.claim(self.step.slots)
+        return self.step.key_len
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's K/V of one layer at each row's physical end; attention reads the whole capacity up to
+        ``lengths()``."""
+        kv = self.compressor.kv
+        kv.write(layer, key_states, value_states, self.step.slots)
+        return kv.keys[layer], kv.values[layer]
+
+    def commit(self, hidden_states: torch.Tensor | None) -> None:
+        """End of a step: slot positions of the active rows, scorer observation, device lengths."""
+        compressor, step, active = self.compressor, self.step, self.active
+        slots = compressor.slots
+        step.hidden_states = hidden_states if compressor.scorer.needs_hidden_states else None
+        step.stored.copy_(active.view(-1, 1))
+        step.query_count.copy_(active)
+        slots.set_positions(step.slots, torch.where(active.view(-1, 1), step.positions, -1))
+        compressor.scorer.on_step(step)
+        slots.physical_len += active
+        step.positions += 1
+
+    # ------------------------------------------------------------------ host side
+    def advance(self, fed_tokens: list[list[int]]) -> tuple[bool, bool]:
+        """Host side of a step that fed ``fed_tokens`` ([rows, 1]; finished rows are fed the pad token).
+
+        Returns (active rows changed: refresh the device mask, buffers grew: capture the step again)."""
+        compressor = self.compressor
+        slots, tracker = compressor.slots, compressor.tracker
+        before = list(tracker.finished)
+        plan = tracker.feed(1, fed_tokens, None)
+        for row, kept in enumerate(plan.stored):
+            slots.physical_len_host[row] += int(kept[0])
+        compressor.compact_full_rows()
+        capacity = compressor.kv.capacity
+        compressor._ensure_capacity(compressor.max_physical_len + 1)
+        compressor._record_stats()
+        changed = tracker.finished != before
+        if changed:
+            self.active.copy_(torch.tensor([not done for done in tracker.finished]))
+        return changed, compressor.kv.capacity != capacity
+
+
+def _split_mask(
+    attention_mask: torch.Tensor | None, rows: int, logical_len: int, num_new: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(mask of the new columns, mask of the earlier columns or None) from a 2D padding mask."""
+    if attention_mask is None:
+        return None, None
+    if attention_mask.dim() != 2 or attention_mask.shape[0] != rows:
+        raise ValueError(
+            f"attention_mask must be a 2D [batch, columns] padding mask with batch {rows}, got shape "
+            f"{tuple(attention_mask.shape)}"
+        )
+    width = attention_mask.shape[1]
+    if width == logical_len + num_new:
+        return attention_mask[:, logical_len:], (attention_mask[:, :logical_len] if logical_len else None)
+    if width == num_new:
+        return attention_mask, None
+    raise ValueError(
+        f"attention_mask has {width} columns; expected the columns so far plus the new ones ({logical_len} + {num_new}) "
+        f"or the new ones only ({num_new})"
+    )

@@ -1,15 +1,20 @@
-"""Per-row bookkeeping of a batch of sequences: logical length, prompt span, end of thinking, finished rows.
+"""Per-row bookkeeping on the host: which fed tokens a row keeps, which spans are protected, which rows finished.
 
-Host-side and integration-independent: it sees the token ids each step adds and decides which logical
-positions are protected and which rows stopped growing.
+Integration-independent. ``ThinkEndScanner`` (the one end-of-thinking detector) serves both the HF rows tracked
+here and the vLLM scheduler's requests.
+
+Logical positions are column indices of the batch's token matrix: every forward pass adds the same number of
+columns to every row. A row *keeps* (stores the K/V of) a fed column unless it is padding (attention mask 0) or
+the row has finished. A generation *call* (one ``generate``) is given input columns (the prompt of that call:
+protected, never scanned for EOS or the end of thinking) and then produces one column per step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-# answer_start of a row still thinking: larger than any position.
-NOT_YET = 2**62
+from .policy import OPEN_END, Span
 
 
 def find_marker(token_ids: Sequence[int], marker: Sequence[int], start: int = 0) -> int | None:
@@ -24,52 +29,148 @@ def find_marker(token_ids: Sequence[int], marker: Sequence[int], start: int = 0)
     return None
 
 
-class SequenceTracker:
-    """Logical positions are column indices of the batch's token matrix: with left padding, a row's first real
-    token sits at ``sequence_start[row]`` = its number of pad tokens."""
+class ThinkEndScanner:
+    """Finds the end-of-thinking marker in a stream of token ids fed a few at a time (it may span two feeds)."""
 
-    def __init__(self, batch_size: int, think_end: Sequence[int] | None, eos_token_ids: Sequence[int] = ()) -> None:
-        self.batch_size = batch_size
-        self.think_end = tuple(think_end) if think_end else ()
-        self.eos_token_ids = frozenset(eos_token_ids)
-        self.logical_len = 0
-        self.sequence_start = [0] * batch_size
-        self.prompt_end = [0] * batch_size
-        self.answer_start = [NOT_YET] * batch_size
-        self.finished = [False] * batch_size
-        # The last len(think_end) - 1 tokens of each row, to spot a marker split across steps.
-        self._tail: list[list[int]] = [[] for _ in range(batch_size)]
+    def __init__(self, marker: Sequence[int]) -> None:
+        self.marker = tuple(marker)
+        self._tail: list[int] = []  # the last len(marker) - 1 tokens fed, to spot a marker split across feeds
+        self._tail_start = 0
 
-    def start(self, prompt_len: int, pad_counts: Sequence[int]) -> None:
-        """The first forward pass: a left-padded prompt of ``prompt_len`` columns."""
-        if len(pad_counts) != self.batch_size:
-            raise ValueError(f"pad_counts has {len(pad_counts)} rows, expected {self.batch_size}")
-        self.sequence_start = list(pad_counts)
-        self.prompt_end = [prompt_len] * self.batch_size
-
-    def stored_counts(self, num_new: int) -> list[int]:
-        """How many of the next ``num_new`` tokens each row keeps: none once it is finished."""
-        return [0 if done else num_new for done in self.finished]
-
-    def advance(self, new_tokens: Sequence[Sequence[int]] | None, num_new: int, prefill: bool) -> None:
-        """Account for ``num_new`` tokens per row (``new_tokens`` may be None for embeddings input)."""
-        first = self.logical_len
-        self.logical_len += num_new
-        if new_tokens is None:
-            return
-        for row, tokens in enumerate(new_tokens):
-            if self.finished[row]:
-                continue
-            if self.think_end and not prefill and self.answer_start[row] == NOT_YET:
-                self._find_think_end(row, list(tokens), first)
-            if not prefill and any(token in self.eos_token_ids for token in tokens):
-                self.finished[row] = True  # the EOS itself is stored; the row stops growing after it
-
-    def _find_think_end(self, row: int, tokens: list[int], first: int) -> None:
-        marker = self.think_end
-        history = self._tail[row] + tokens
-        found = find_marker(history, marker)
+    def feed(self, tokens: Sequence[int], first_position: int) -> int | None:
+        """Scan ``tokens`` (at logical positions ``first_position``...); the marker's start position once found."""
+        if not self.marker:
+            return None
+        history = self._tail + list(tokens)
+        history_start = first_position - len(self._tail)
+        found = find_marker(history, self.marker)
         if found is not None:
-            self.answer_start[row] = first - len(self._tail[row]) + found  # history[0] is at that logical position
-            return
-        self._tail[row] = history[-(len(marker) - 1):] if len(marker) > 1 else []
+            return history_start + found
+        keep = len(self.marker) - 1
+        self._tail = history[len(history) - keep:] if keep else []
+        return None
+
+
+@dataclass
+class StepPlan:
+    """What a forward pass adds: per row, which of the ``num_new`` fed columns it keeps."""
+
+    num_new: int
+    stored: list[list[bool]]
+    first_column: int
+
+    def stored_counts(self) -> list[int]:
+        return [sum(row) for row in self.stored]
+
+
+class SequenceTracker:
+    """The host-side facts of a batch of rows: logical length, protected spans, finished rows, unkept columns."""
+
+    def __init__(self, rows: int, think_end: Sequence[int] | None, *, protect_prompt: bool = True,
+                 protect_answer: bool = True) -> None:
+        self.rows = rows
+        self.think_end = tuple(think_end) if think_end else ()
+        self.protect_prompt, self.protect_answer = protect_prompt, protect_answer
+        self.logical_len = 0
+        self.row_start: list[int | None] = [None] * rows  # first kept column of each row
+        self.protected_spans: list[list[Span]] = [[] for _ in range(rows)]
+        self.finished = [False] * rows
+        self.unkept: list[list[Span]] = [[] for _ in range(rows)]  # fed columns never kept (padding, after EOS)
+        self.eos_token_ids: frozenset[int] = frozenset()
+        self.pad_token_id: int | None = None
+        self.input_end = 0  # columns before it belong to the current call's input
+        self.calls = 0
+        self._scanners = [ThinkEndScanner(self.think_end) for _ in range(rows)]
+
+    # ------------------------------------------------------------------ calls
+    def start_call(self, input_end: int, eos_token_ids: Sequence[int], pad_token_id: int | None) -> None:
+        """A generation call begins: columns ``[logical_len, input_end)`` are its input. Finished rows continue."""
+        if input_end < self.logical_len:
+            raise ValueError(
+                f"a generation call on this cache must be given the whole sequence so far: its input ends at column "
+                f"{input_end}, but the cache already holds {self.logical_len} columns"
+            )
+        for row in range(self.rows):
+            spans = self.protected_spans[row]
+            if spans and spans[-1][1] == OPEN_END:  # the previous call's answer ends where that call ended
+                spans[-1] = (spans[-1][0], self.logical_len)
+        self.finished = [False] * self.rows
+        self._scanners = [ThinkEndScanner(self.think_end) for _ in range(self.rows)]
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pad_token_id = pad_token_id
+        self.input_end = input_end
+        self.calls += 1
+
+    # ------------------------------------------------------------------ a step
+    def feed(self, num_new: int, tokens: list[list[int]] | None, mask: list[list[int]] | None) -> StepPlan:
+        """Account for ``num_new`` columns fed to every row (``tokens`` None for embeddings input; ``mask`` the
+        attention mask of these columns, None = all real). Returns which columns each row keeps."""
+        first = self.logical_len
+        stored: list[list[bool]] = []
+        for row in range(self.rows):
+            row_tokens = None if tokens is None else tokens[row]
+            row_mask = None if mask is None else mask[row]
+            stored.append(self._feed_row(row, first, num_new, row_tokens, row_mask))
+        self.logical_len += num_new
+        return StepPlan(num_new=num_new, stored=stored, first_column=first)
+
+    def _feed_row(self, row: int, first: int, num_new: int, tokens: list[int] | None, mask: list[int] | None) -> list[bool]:
+        real = [True] * num_new if mask is None else [bool(value) for value in mask]
+        kept: list[bool] = []
+        # Input columns (the call's prompt) in bulk: kept unless padding, protected, never scanned.
+        input_count = 0 if self.finished[row] else max(0, min(num_new, self.input_end - first))
+        for offset, value in enumerate(real[:input_count]):
+            if not value:
+                self._add_range(self.unkept[row], first + offset, first + offset + 1)
+            elif self.protect_prompt:
+                self._add_range(self.protected_spans[row], first + offset, first + offset + 1)
+            if value and self.row_start[row] is None:
+                self.row_start[row] = first + offset
+        kept.extend(real[:input_count])
+        # Generated columns, one at a time (usually one per step).
+        for offset in range(input_count, num_new):
+            column = first + offset
+            token = None if tokens is None else tokens[offset]
+            if self.finished[row] and real[offset] and (self.pad_token_id is None or token != self.pad_token_id):
+                raise ValueError(
+                    f"row {row} finished with an EOS token (ids {sorted(self.eos_token_ids)}) but was then fed "
+                    f"token {token} at column {column}, not the pad token ({self.pad_token_id}): a finished row keeps "
+                    "nothing more; start a new generation call (generate) to continue it"
+                )
+            keep = real[offset] and not self.finished[row]
+            kept.append(keep)
+            if not keep:
+                self._add_range(self.unkept[row], column, column + 1)
+                continue
+            if self.row_start[row] is None:
+                self.row_start[row] = column
+            if token is None:
+                continue
+            if self.think_end and self.protect_answer and not self._answer_open(row):
+                answer_start = self._scanners[row].feed([token], column)
+                if answer_start is not None:
+                    self.protected_spans[row].append((answer_start, OPEN_END))
+            if token in self.eos_token_ids:
+                self.finished[row] = True  # the EOS itself is kept; the row keeps nothing after it
+        return kept
+
+    def _answer_open(self, row: int) -> bool:
+        spans = self.protected_spans[row]
+        return bool(spans) and spans[-1][1] == OPEN_END
+
+    @staticmethod
+    def _add_range(spans: list[Span], start: int, stop: int) -> None:
+        """Add columns ``[start, stop)`` to a list of disjoint ascending spans, extending the last when contiguous."""
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], stop)
+        else:
+            spans.append((start, stop))
+
+    # ------------------------------------------------------------------ queries
+    def answer_start(self, row: int) -> int | None:
+        """Start of the open answer span of the current call (None while thinking)."""
+        return self.protected_spans[row][-1][0] if self._answer_open(row) else None
+
+    def unkept_but_real(self, row: int, mask: Sequence[int]) -> list[int]:
+        """Columns the row never kept (padding, after its EOS) that ``mask`` (over the columns so far) marks real."""
+        return [column for start, stop in self.unkept[row] for column in range(start, stop) if mask[column]]

@@ -11,7 +11,11 @@ policy), through hooks and the ``Cache`` API; the model is not patched:
 * each full-attention layer's ``update`` writes into the preallocated storage (``DynTSLayer``);
 * for scorers that need queries, hooks on the attention module and its query projection capture the post-RoPE
   queries of the step;
-* a forward hook on the decoder hands the final-norm hidden states to the scorer and compacts full rows.
+* a forward hook on the decoder hands the final-norm hidden states to the scorer and compacts full rows;
+* each ``generate`` call marks the cache as user-defined (``_is_user_defined``) before its first forward pass: at that
+  moment the cache reads the call's EOS and pad ids and the length of its input from the calling frames of
+  transformers' ``generate`` (5.17-5.19), so that rows finish exactly when ``generate`` finishes them, the whole input
+  (chunked prefill included) is protected as the prompt, and a second call on the same cache continues every row.
 
 Positions stay logical: ``get_seq_length`` is the logical length, so RoPE positions are those of the full cache.
 """
@@ -19,6 +23,7 @@ Positions stay logical: ``get_seq_length`` is the logical length, so RoPE positi
 from __future__ import annotations
 
 import sys
+import types
 import weakref
 from typing import Any
 
@@ -27,7 +32,7 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from ..compressor import DenseCompressor
-from ..config import CompressionConfig
+from ..config import CompressionConfig, check_int, check_token_ids
 from ..modeling import attention_modules, decoder_module
 from ..scorers import Scorer, get_scorer
 
@@ -52,17 +57,17 @@ class DynTSLayer(CacheLayerMixin):
 
     @property
     def is_initialized(self) -> bool:  # type: ignore[override]
-        return self._owner.compressor.storage is not None
+        return self._owner.compressor.kv is not None
 
     @property
     def keys(self) -> torch.Tensor | None:  # type: ignore[override]
-        storage = self._owner.compressor.storage
-        return None if storage is None else storage.keys[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
+        kv = self._owner.compressor.kv
+        return None if kv is None else kv.keys[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
 
     @property
     def values(self) -> torch.Tensor | None:  # type: ignore[override]
-        storage = self._owner.compressor.storage
-        return None if storage is None else storage.values[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
+        kv = self._owner.compressor.kv
+        return None if kv is None else kv.values[self.storage_layer, :, :, : self._owner.compressor.max_physical_len]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Storage is allocated by the compressor on the first write."""
@@ -105,10 +110,15 @@ class DynTSCache(Cache):
                    linear-attention layers of hybrid models keep HF's own cache layers, untouched).
     config:        a ``CompressionConfig``.
     scorer:        a ``Scorer`` instance or a name from ``dynts.scorers.SCORERS`` (built with ``scorer_kwargs``).
-    eos_token_id:  ids that finish a row (default: the model's generation config); a finished row stops growing.
+    eos_token_id:  inside ``generate`` the cache follows the call's own EOS ids (a row finishes when ``generate``
+                   finishes it); given here, it must equal them (a mismatch is an error at the call's start). Outside
+                   ``generate`` (a loop over the model's forward) these ids finish rows; None: rows never finish.
+    pad_token_id:  outside ``generate``, the token a finished row must be fed (inside, ``generate``'s).
+    history_limit: steps of per-row physical lengths kept in ``stats.history`` (a ring).
 
-    One cache serves one batch of sequences (one ``generate`` call). Supports ``sdpa`` and ``eager`` attention,
-    greedy and sampling, batches with left padding.
+    Supports ``sdpa`` and ``eager`` attention, greedy and sampling, padding anywhere in the input (left padding,
+    or padding between turns), and several ``generate`` calls on one cache (multi-turn): each call's input is
+    protected like a prompt and rows that finished an earlier call continue. Gradients do not flow into cached K/V.
     """
 
     def __init__(
@@ -119,15 +129,22 @@ class DynTSCache(Cache):
         *,
         scorer_kwargs: dict[str, Any] | None = None,
         eos_token_id: int | list[int] | None = None,
+        pad_token_id: int | None = None,
+        history_limit: int = 4096,
     ) -> None:
         if not isinstance(config, CompressionConfig):
             raise TypeError(f"config must be a CompressionConfig, got {type(config).__name__}")
         if isinstance(scorer, str):
+            if scorer_kwargs is not None and not isinstance(scorer_kwargs, dict):
+                raise TypeError(f"scorer_kwargs must be a dict, got {type(scorer_kwargs).__name__}")
             scorer = get_scorer(scorer, **(scorer_kwargs or {}))
         elif scorer_kwargs:
             raise ValueError("scorer_kwargs is only used with a scorer name")
         if not isinstance(scorer, Scorer):
             raise TypeError(f"scorer must be a Scorer or a scorer name, got {type(scorer).__name__}")
+        scorer.validate(config)
+        self._eos_token_ids = None if eos_token_id is None else check_token_ids("eos_token_id", eos_token_id)
+        pad_token_id = None if pad_token_id is None else check_int("pad_token_id", pad_token_id, minimum=0)
         text_config = model.config.get_text_config(decoder=True)
         config.validate_vocab(text_config.vocab_size)
         attn_implementation = getattr(text_config, "_attn_implementation", None)
@@ -161,18 +178,51 @@ class DynTSCache(Cache):
         self.scorer = scorer
         attention = attention_modules(model, set(self.storage_layer_of))
         first = attention.get(min(self.storage_layer_of))
-        eos = eos_token_id if eos_token_id is not None else getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         self.compressor = DenseCompressor(
             config, scorer, num_layers=len(self.storage_layer_of),
             query_heads=getattr(text_config, "num_attention_heads", None),
             scale=getattr(first, "scaling", None),
-            eos_token_ids=[eos] if isinstance(eos, int) else list(eos or []),
+            eos_token_ids=self._eos_token_ids or (), pad_token_id=pad_token_id, history_limit=history_limit,
         )
         self._model_dtype = next(model.parameters()).dtype
         self._in_forward = False
+        self._user_defined = False
         self._queries: dict[int, torch.Tensor] = {}
         self._hooks = self._install_hooks(model, attention)
         weakref.finalize(self, _remove_hooks, self._hooks)
+
+    # ------------------------------------------------------------------ generation calls
+    def start_call(self, input_len: int, eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None) -> None:
+        """Announce a generation call by a loop of your own (``generate`` does this itself): its input is the
+        sequence's first ``input_len`` columns (the ones not yet fed are protected as its prompt), rows finish on
+        ``eos_token_id`` and must then be fed ``pad_token_id``."""
+        input_len = check_int("input_len", input_len, minimum=0)
+        eos = () if eos_token_id is None else check_token_ids("eos_token_id", eos_token_id)
+        pad = None if pad_token_id is None else check_int("pad_token_id", pad_token_id, minimum=0)
+        self.compressor.start_call(input_len, eos, pad)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...] | None:
+        """The EOS ids given to this cache (None: it follows each generate call's)."""
+        return self._eos_token_ids
+
+    @property
+    def _is_user_defined(self) -> bool:
+        return self._user_defined
+
+    @_is_user_defined.setter
+    def _is_user_defined(self, value: bool) -> None:
+        # transformers' generate sets this on a cache it was given, once per call, before the first forward pass.
+        self._user_defined = value
+        if value:
+            eos, pad, input_len = _generate_call_settings(sys._getframe(1))
+            if self._eos_token_ids is not None and set(self._eos_token_ids) != set(eos):
+                raise ValueError(
+                    f"DynTSCache(eos_token_id={list(self._eos_token_ids)}) but this generate call stops rows on "
+                    f"eos_token_id={list(eos) or None}: a row would finish in one and not the other. Drop the cache's "
+                    "eos_token_id (it follows generate) or pass the same ids to both"
+                )
+            self.compressor.start_call(input_len, eos, pad)
 
     # ------------------------------------------------------------------ public introspection
     def resident_positions(self, layer_idx: int) -> list[torch.Tensor]:
@@ -190,8 +240,8 @@ class DynTSCache(Cache):
     @property
     def physical_len(self) -> list[int]:
         """Per row, the number of tokens whose K/V are held."""
-        storage = self.compressor.storage
-        return [] if storage is None else list(storage.physical_len_host)
+        slots = self.compressor.slots
+        return [] if slots is None else list(slots.physical_len_host)
 
     @property
     def stats(self):  # -> CacheStats
@@ -217,7 +267,7 @@ class DynTSCache(Cache):
 
 def _before_forward(ref: weakref.ref, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.static:
+    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.session is not None:
         return None
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     embeds = kwargs.get("inputs_embeds")
@@ -229,20 +279,16 @@ def _before_forward(ref: weakref.ref, args: tuple, kwargs: dict) -> tuple[tuple,
     if mask is not None and mask.dim() != 2:
         raise ValueError("DynTSCache builds its own 4D attention mask; pass a 2D padding mask (or none)")
     compressor = cache.compressor
-    prefill = compressor.tracker is None
-    compressor.begin_step(
-        batch_size=batch_size, num_new=num_new, input_ids=input_ids,
-        padding_mask=None if mask is None else (mask[:, -num_new:] if prefill else mask),
-    )
+    compressor.begin_step(batch_size=batch_size, num_new=num_new, input_ids=input_ids, attention_mask=mask)
     cache._in_forward = True
     if not compressor.is_aligned():
-        kwargs["attention_mask"] = compressor.attention_mask(num_new, cache._model_dtype)
+        kwargs["attention_mask"] = compressor.attention_mask(cache._model_dtype)
     return args, kwargs
 
 
 def _after_forward(ref: weakref.ref, kwargs: dict, output: Any) -> None:
     cache = ref()
-    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.static:
+    if cache is None or kwargs.get("past_key_values") is not cache or cache.compressor.session is not None:
         return
     cache._in_forward = False
     cache._queries.clear()
@@ -250,6 +296,31 @@ def _after_forward(ref: weakref.ref, kwargs: dict, output: Any) -> None:
     if hidden is None and isinstance(output, tuple):
         hidden = output[0]
     cache.compressor.end_step(hidden)
+
+
+def _generate_call_settings(frame: types.FrameType | None) -> tuple[tuple[int, ...], int | None, int]:
+    """(EOS ids, pad id, input length) of the ``generate`` call that is marking the cache as user-defined.
+
+    The caller is transformers' ``_prepare_cache_for_generation(generation_config, ...)``, itself called by
+    ``generate``, whose ``input_ids`` (or ``inputs_embeds``) hold the whole sequence the call was given.
+    """
+    config = None if frame is None else frame.f_locals.get("generation_config")
+    outer = None if frame is None else frame.f_back
+    input_ids = None if outer is None else outer.f_locals.get("input_ids")
+    if config is None or not hasattr(config, "_eos_token_tensor") or not isinstance(input_ids, torch.Tensor):
+        raise RuntimeError(
+            "DynTSCache could not read the settings of the generate call that uses it (this transformers version "
+            "calls the cache differently; supported: transformers >=5.17,<5.20)"
+        )
+    eos = config._eos_token_tensor
+    eos_ids = () if eos is None else tuple(int(token) for token in eos.flatten().tolist())
+    pad = config._pad_token_tensor
+    pad_id = None if pad is None else int(pad.flatten()[0])
+    input_len = input_ids.shape[1]
+    embeds = outer.f_locals.get("model_kwargs", {}).get("inputs_embeds")
+    if isinstance(embeds, torch.Tensor):
+        input_len = max(input_len, embeds.shape[1])
+    return eos_ids, pad_id, input_len
 
 
 def _query_capture_hooks(ref: weakref.ref, layer_idx: int, attention: nn.Module) -> list[Any]:

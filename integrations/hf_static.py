@@ -58,7 +58,6 @@ class StaticDecoder:
         self.lm_head = model.get_output_embeddings()
         self.use_cuda_graph = use_cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_capacity = -1
         # Wall time of each decode step of the last generate call (host bookkeeping and compactions included;
         # every step ends with a device synchronisation, so these are real step times).
         self.step_seconds: list[float] = []
@@ -74,10 +73,14 @@ class StaticDecoder:
         temperature: float = 1.0,
         top_p: float = 1.0,
         pad_token_id: int = 0,
+        eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
         logits_callback: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Prompt plus up to ``max_new_tokens`` tokens per row ([rows, prompt + new]); finished rows get padding.
+
+        A row finishes after it emits one of ``eos_token_id`` (default: the cache's ``eos_token_id`` if it was given
+        one, else the model's generation config; ``[]``: never).
 
         ``logits_callback`` receives each step's next-token logits ([rows, vocab], the step's own buffer: copy
         what you keep), the prefill's first.
@@ -89,11 +92,17 @@ class StaticDecoder:
         compressor = self.cache.compressor
         if compressor.tracker is not None:
             raise RuntimeError("StaticDecoder.generate needs a fresh DynTSCache")
+        if eos_token_id is None:  # the cache's own ids if it was given some, else the model's generation config
+            eos_token_id = self.cache.eos_token_ids
+        if eos_token_id is None:
+            eos_token_id = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         batch, prompt_len = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         self._sampling = (do_sample, temperature, top_p, generator)
+        self._pad = pad_token_id
+        self.cache.start_call(prompt_len, eos_token_id, pad_token_id)
 
         hidden = self.decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                               past_key_values=self.cache, use_cache=True).last_hidden_state
@@ -103,7 +112,7 @@ class StaticDecoder:
         self._ids = self._choose(self._logits).view(batch, 1)
         self._position_ids = position_ids[:, -1:] + 1
         tokens = [self._ids.clone()]
-        active = compressor.enter_static(self._ids)
+        self._session = session = compressor.static_session(self._ids, pad_token_id)
         attn_config = self.model.config
         saved_attention = attn_config._attn_implementation
         attn_config._attn_implementation = ATTENTION_NAME
@@ -117,52 +126,53 @@ class StaticDecoder:
                     self._replay()
                 else:
                     self._step()
-                next_ids = self._ids.tolist()
                 if logits_callback is not None:
                     logits_callback(self._logits)
-                compressor.static_advance(fed)
-                tokens.append(torch.where(active.view(-1, 1), self._ids, torch.full_like(self._ids, pad_token_id)))
-                fed = next_ids
+                changed, grew = session.advance(fed)
+                if changed:  # rows that just finished are fed padding from now on
+                    self._ids.masked_fill_(~session.active.view(-1, 1), pad_token_id)
+                if grew:
+                    self._graph = None  # the buffers moved: capture again
+                tokens.append(self._ids.clone())
+                fed = self._ids.tolist()
                 self.step_seconds.append(time.perf_counter() - start)
-                if not bool(active.any()):
+                if not bool(session.active.any()):
                     break
         finally:
             attn_config._attn_implementation = saved_attention
-            compressor.exit_static()
+            session.close()
             self._graph = None
         return torch.cat([input_ids, *tokens], dim=1)
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
-        """Feed ``_ids`` at ``_position_ids``; leaves the chosen next tokens in ``_ids`` (device work only)."""
-        compressor = self.cache.compressor
-        lengths = compressor.static_lengths()
+        """Feed ``_ids`` at ``_position_ids``; leaves the next tokens in ``_ids`` (device work only)."""
+        session = self._session
+        lengths = session.lengths()
         hidden = self.decoder(input_ids=self._ids, position_ids=self._position_ids, past_key_values=self.cache,
                               use_cache=True, dynts_lengths=lengths).last_hidden_state
-        compressor.static_commit(hidden)
+        session.commit(hidden)
         self._logits = self.lm_head(hidden[:, -1])  # under capture: the graph's output buffer, refreshed by replays
-        self._ids.copy_(self._choose(self._logits).view(-1, 1))
+        chosen = self._choose(self._logits).view(-1, 1)
+        self._ids.copy_(torch.where(session.active.view(-1, 1), chosen, torch.full_like(chosen, self._pad)))
         self._position_ids += 1
 
     def _replay(self) -> None:
-        capacity = self.cache.compressor.storage.capacity
-        if self._graph is None or capacity != self._graph_capacity:
+        if self._graph is None:
             self._capture()
-            self._graph_capacity = capacity
         self._graph.replay()
 
     def _capture(self) -> None:
         """Capture ``_step`` after one real warm-up step on a side stream (the warm-up is a real step, so it is
-        undone: buffers are saved and restored around it)."""
-        compressor = self.cache.compressor
-        storage = compressor.storage
-        saved = [t.clone() for t in (self._ids, self._position_ids, storage.physical_len, compressor._static_step.positions)]
+        undone: the buffers it changes are saved and restored around it)."""
+        buffers = [self._ids, self._position_ids, *self._session.state_buffers()]
+        saved = [buffer.clone() for buffer in buffers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self._step()  # compiles kernels and settles the allocator before capture
         torch.cuda.current_stream().wait_stream(stream)
-        for buffer, value in zip((self._ids, self._position_ids, storage.physical_len, compressor._static_step.positions), saved):
+        for buffer, value in zip(buffers, saved):
             buffer.copy_(value)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

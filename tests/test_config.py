@@ -1,6 +1,7 @@
 import pytest
 
 from dynts import CompressionConfig, resolve_think_end
+from dynts.policy import compacted_length, keep_quota, next_trigger
 
 
 @pytest.mark.parametrize(
@@ -37,19 +38,35 @@ def test_from_dict_rejects_unknown_fields():
     assert config.think_end == (7, 8)
 
 
-def test_kept_older_floors_without_float_error():
+def test_keep_quota_floors_without_float_error():
     config = CompressionConfig(budget=16, window=4, keep_ratio=0.3)
-    assert config.kept_older(10) == 3
-    assert config.kept_older(0) == 0
-    assert CompressionConfig(budget=16, window=4, keep_ratio=1.0).kept_older(7) == 7
-    assert config.compacted_length(16) == 4 + 3
-    assert config.compacted_length(16, protected_older=9) == 4 + 9
+    assert keep_quota(config, 10) == 3
+    assert keep_quota(config, 0) == 0
+    assert keep_quota(CompressionConfig(budget=16, window=4, keep_ratio=1.0), 7) == 7
+    assert compacted_length(config, 16) == 4 + 3
+    assert compacted_length(config, 16, protected_older=9) == 4 + 9
 
 
 def test_next_trigger_waits_for_the_usual_gap_after_an_overflow():
     config = CompressionConfig(budget=16, window=4, keep_ratio=0.25)  # compacted length 4 + 3 = 7: gap 9
-    assert config.next_trigger(7) == 16
-    assert config.next_trigger(12) == 21
+    assert next_trigger(config, 7, overflow=False) == 16
+    assert next_trigger(config, 12, overflow=True) == 21
+    # Without overflow the budget triggers, even after a compaction that kept more (a prompt longer than the budget).
+    assert next_trigger(config, 12, overflow=False) == 16
+
+
+def test_fixed_budget_mode_compacts_from_budget_plus_buffer_down_to_budget():
+    config = CompressionConfig(budget=16, window=4, budget_mode="fixed", buffer=8)
+    assert config.trigger == 24
+    assert compacted_length(config, 24) == 16 and keep_quota(config, 20) == 12
+    assert compacted_length(config, 24, protected_older=15) == 4 + 15  # protected overflow keeps them all
+    assert next_trigger(config, 16, overflow=False) == 24
+    assert next_trigger(config, 19, overflow=True) == 19 + 8
+    assert CompressionConfig(budget=16, window=4, budget_mode="fixed").buffer == 128  # R-KV's interval
+    with pytest.raises(ValueError, match="buffer is used by budget_mode='fixed' only"):
+        CompressionConfig(budget=16, window=4, buffer=8)
+    with pytest.raises(ValueError, match="budget_mode must be one of"):
+        CompressionConfig(budget=16, window=4, budget_mode="rkv")
 
 
 def test_vocab_check():

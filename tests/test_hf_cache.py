@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AttentionInterface, DynamicCache, LogitsProcessor, LogitsProcessorList
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from reference_attention import REFERENCE, REFERENCE_VISIBLE
+from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 from dynts import CompressionConfig, DynTSCache
 from dynts.scorers import Scorer
@@ -30,33 +30,12 @@ def test_identical_to_plain_generate_within_budget(arch: str, attn: str, lengths
     cache = DynTSCache(model, config, scorer="h2o", eos_token_id=NO_EOS)
     compressed = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, past_key_values=cache, **GENERATE)
     assert torch.equal(plain, compressed)
-    assert cache.stats.evictions == 0
+    assert cache.stats.compactions == 0
     # Padding is not held: each row holds exactly its own tokens.
     assert cache.physical_len == [length + new_tokens - 1 for length in lengths]
 
 
 # ---------------------------------------------------------------------- with eviction: equal to a masked full cache
-REFERENCE_VISIBLE: dict[int, torch.Tensor] = {}
-
-
-def _masked_reference_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """Eager attention that also hides the keys REFERENCE_VISIBLE[layer] marks invisible ([rows, kv_heads|1, keys])."""
-    groups = query.shape[1] // key.shape[1]
-    key = key.repeat_interleave(groups, dim=1)
-    value = value.repeat_interleave(groups, dim=1)
-    logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        logits = logits + attention_mask[..., : key.shape[-2]]
-    visible = REFERENCE_VISIBLE.get(module.layer_idx)
-    if visible is not None:
-        visible = visible.repeat_interleave(groups, dim=1) if visible.shape[1] > 1 else visible
-        logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
-
-
-AttentionInterface.register("dynts_masked_reference", _masked_reference_attention)
-ALL_MASK_ATTENTION_FUNCTIONS.register("dynts_masked_reference", eager_mask)
 
 
 class _Recorder(LogitsProcessor):
@@ -79,7 +58,7 @@ class PerHeadScorer(Scorer):
     name = "per-head-test"
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        positions = self.storage.positions[:, rows].float()  # [layers_g, R, heads_g, S]
+        positions = self.slots.positions[:, rows].float()  # [layers_g, R, heads_g, S]
         layers = torch.arange(self.geometry.num_layers).view(-1, 1, 1, 1).float()
         heads = torch.arange(self.geometry.kv_heads).view(1, 1, -1, 1).float()
         return torch.sin(positions.mean(dim=(0, 2), keepdim=True) * 1.7 + layers * 0.9 + heads * 2.3)
@@ -95,7 +74,7 @@ def _check_against_masked_full_cache(model, ids, mask, cache: DynTSCache, new_to
         logits_processor=LogitsProcessorList([recorder]), **GENERATE,
     )
     prompt_len = ids.shape[1]
-    model.config._attn_implementation = "dynts_masked_reference"
+    model.config._attn_implementation = REFERENCE
     try:
         full = DynamicCache(config=model.config)
         full_mask = torch.cat([mask, torch.ones(mask.shape[0], new_tokens, dtype=mask.dtype)], dim=1)
@@ -123,7 +102,7 @@ def _check_against_masked_full_cache(model, ids, mask, cache: DynTSCache, new_to
     finally:
         model.config._attn_implementation = "sdpa"
         REFERENCE_VISIBLE.clear()
-    return cache.stats.evictions
+    return cache.stats.compactions
 
 
 @pytest.mark.parametrize("scorer", ["h2o", "snapkv", "rkv", "tova", "streamingllm", "window", "random"])
@@ -161,7 +140,7 @@ def test_sampling_runs_and_stays_bounded() -> None:
     out = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=True, temperature=0.8, top_p=0.95,
                          past_key_values=cache, eos_token_id=None, pad_token_id=0)
     assert out.shape == (3, 8 + 60)
-    assert max(max(row) for row in cache.stats.physical_len_history) <= 32
+    assert max(max(row) for row in list(cache.stats.history)) <= 32
 
 
 # ---------------------------------------------------------------------- memory bound over a long decode
@@ -180,13 +159,13 @@ def test_long_decode_physical_length_and_allocation_bounded() -> None:
 
     model.generate(ids, attention_mask=mask, max_new_tokens=2000, past_key_values=cache,
                    logits_processor=LogitsProcessorList([Probe()]), **GENERATE)
-    history = cache.stats.physical_len_history
+    history = list(cache.stats.history)
     assert len(history) == 2000
     # Documented bound: the physical length never exceeds the budget (no protected overflow here).
     assert max(max(row) for row in history) <= budget
     # Saw-tooth: right after a compaction a row holds window + floor(keep_ratio * (budget - window)) tokens.
     assert min(row[0] for row in history[300:]) == window + int(0.3 * (budget - window))
-    assert cache.stats.evictions >= 2 * 10
+    assert cache.stats.compactions >= 2 * 10
     assert len(set(allocated)) == 1, "the buffers were reallocated during decoding"
     assert cache.stats.reallocations == 0
 
@@ -211,7 +190,7 @@ def test_ragged_rows_evict_independently_and_finished_row_stops_growing() -> Non
     cache = DynTSCache(model, config, scorer="h2o", eos_token_id=2)
     model.generate(ids, attention_mask=mask, max_new_tokens=120, past_key_values=cache, do_sample=False,
                    pad_token_id=0, eos_token_id=2, logits_processor=LogitsProcessorList([ForceEos(2, 70, 2)]))
-    history = cache.stats.physical_len_history
+    history = list(cache.stats.history)
     drops = {row: [step for step in range(1, len(history)) if history[step][row] < history[step - 1][row]]
              for row in range(3)}
     assert drops[0] and drops[1]
@@ -232,7 +211,7 @@ def test_prompt_and_answer_tokens_are_never_evicted(granularity: str) -> None:
     cache = DynTSCache(model, config, scorer=PerHeadScorer(), eos_token_id=NO_EOS)
     model.generate(prompt, max_new_tokens=170, past_key_values=cache,
                    logits_processor=LogitsProcessorList([ForceToken(marker_step, think_end)]), **GENERATE)
-    assert cache.stats.evictions >= 5
+    assert cache.stats.compactions >= 5
     answer_start = 6 + marker_step  # logical position of the marker
     last = 6 + 170 - 2  # the last generated token is never fed back
     for layer in range(2):
@@ -254,7 +233,7 @@ def test_kept_set_exact_after_one_compaction() -> None:
         cache = DynTSCache(model, config, scorer=scorer, eos_token_id=NO_EOS)
         # 5 prompt tokens + 25 decode steps reach the budget: exactly one compaction, of positions 0..29.
         model.generate(prompt, max_new_tokens=budget - 5 + 1, past_key_values=cache, **GENERATE)
-        assert cache.stats.evictions == 1
+        assert cache.stats.compactions == 1
         positions = torch.arange(budget).float()
         layers = torch.arange(2).view(-1, 1, 1).float()
         heads = torch.arange(2).view(1, -1, 1).float()
@@ -285,17 +264,26 @@ def test_bad_inputs_name_the_parameter() -> None:
     with pytest.raises(ValueError, match="observation_window"):
         cache = DynTSCache(model, CompressionConfig(budget=16, window=4), scorer="snapkv", eos_token_id=NO_EOS)
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2, past_key_values=cache, **GENERATE)
-    with pytest.raises(ValueError, match="only left padding"):
-        cache = DynTSCache(model, CompressionConfig(budget=16, window=4), scorer="window", eos_token_id=NO_EOS)
-        model.generate(torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[1, 1, 0]]), max_new_tokens=2,
-                       past_key_values=cache, **GENERATE)
+
+
+def test_padding_anywhere_is_skipped_like_plain_generate() -> None:
+    """Padding is not only on the left (a right-padded prompt, padding between turns): the cache keeps only the real
+    columns and gives the tokens plain generate gives, which stores the padding but masks it."""
+    model = tiny_model("llama", "sdpa")
+    ids = torch.tensor([[5, 6, 7, 8, 9], [11, 12, 13, 14, 15]])
+    mask = torch.tensor([[1, 1, 0, 1, 1], [1, 1, 1, 1, 0]])
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=6, **GENERATE)
+    cache = DynTSCache(model, CompressionConfig(budget=16, window=4), scorer="h2o", eos_token_id=NO_EOS)
+    compressed = model.generate(ids, attention_mask=mask, max_new_tokens=6, past_key_values=cache, **GENERATE)
+    assert torch.equal(plain, compressed)
+    assert cache.physical_len == [4 + 5, 4 + 5]  # the real prompt columns and the fed generated ones
 
 
 class WrongShapeScorer(Scorer):
     name = "wrong-shape"
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(3, rows.numel(), 1, self.storage.capacity)
+        return torch.zeros(3, rows.numel(), 1, self.slots.capacity)
 
 
 def test_scorer_shape_mismatch_is_reported() -> None:
@@ -326,9 +314,9 @@ def test_protected_overflow_warns_once_and_keeps_every_protected_token() -> None
     held = cache.resident_positions(0)[0].tolist()
     assert held[:20] == list(range(20))
     # Bounded all the same: protected + window + the usual growth between compactions (16 - (4 + 3)).
-    history = [row[0] for row in cache.stats.physical_len_history]
+    history = [row[0] for row in list(cache.stats.history)]
     assert max(history) <= 20 + 4 + 9
-    assert cache.stats.evictions == sum(1 for a, b in zip(history, history[1:]) if b < a) + 1  # + the prefill one
-    assert cache.stats.evictions <= 1 + 29 // 9 + 1
+    assert cache.stats.compactions == sum(1 for a, b in zip(history, history[1:]) if b < a) + 1  # + the prefill one
+    assert cache.stats.compactions <= 1 + 29 // 9 + 1
     with pytest.raises(ValueError, match=r"layer_idx 5 is not a compressed full-attention layer; allowed: \[0, 1\]"):
         cache.resident_positions(5)

@@ -1,7 +1,8 @@
 import torch
 import pytest
 
-from dynts import CompressionConfig, protected_slots, select_keep
+from dynts import CompressionConfig, select_keep
+from dynts.policy import protected_slots, request_spans, spans_tensor
 
 
 def _keep(scores, length, protected=None, **config):
@@ -66,8 +67,8 @@ def test_nan_scores_are_rejected():
 def test_protected_slots_from_positions():
     config = CompressionConfig(budget=8, window=1)
     positions = torch.tensor([0, 1, 2, 5, 6, 7, -1]).view(1, 1, 1, -1)
-    protected = protected_slots(positions, torch.tensor([2]), torch.tensor([6]), config)
-    assert protected.view(-1).tolist() == [True, True, False, False, True, True, True]
-    unprotected = protected_slots(positions, torch.tensor([2]), torch.tensor([6]),
-                                  CompressionConfig(budget=8, window=1, protect_prompt=False, protect_answer=False))
+    protected = protected_slots(positions, spans_tensor([request_spans(config, 2, 6)], "cpu"))
+    assert protected.view(-1).tolist() == [True, True, False, False, True, True, False]  # -1: a free slot
+    unprotected = protected_slots(positions, spans_tensor([request_spans(
+        CompressionConfig(budget=8, window=1, protect_prompt=False, protect_answer=False), 2, 6)], "cpu"))
     assert not unprotected.any()

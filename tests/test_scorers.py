@@ -36,7 +36,7 @@ def _compressor(scorer, budget=100, window=3, keep_ratio=0.5, **config) -> Dense
 
 
 def _scores(compressor: DenseCompressor) -> list[float]:
-    length = compressor.storage.physical_len_host[0]
+    length = compressor.slots.physical_len_host[0]
     return compressor.scorer.score(torch.tensor([0]))[..., :length].reshape(-1).tolist()
 
 
@@ -72,22 +72,44 @@ def test_tova_uses_the_last_query_only():
     assert _scores(compressor) == pytest.approx([0.25, 0.5, 0.25])
 
 
-def test_rkv_penalises_redundant_keys():
+def test_rkv_redundancy_retains_the_most_recent_of_similar_keys():
+    """R-KV's worked example (official cal_similarity): keys e1, e1, e1, e2. Each key's similarity to its most recent
+    highly similar key is not counted: column means [2/4, 1/4, 0, 0], softmax over the 4 keys."""
     compressor = DenseCompressor(
-        CompressionConfig(budget=100, window=2, protect_prompt=False), RKVScorer(observation_window=1, kernel_size=1, lam=0.0),
-        num_layers=1, query_heads=1, scale=1.0,
+        CompressionConfig(budget=100, window=0, protect_prompt=False),
+        RKVScorer(observation_window=1, kernel_size=1, lam=0.0), num_layers=1, query_heads=1, scale=1.0,
+    )
+    compressor.begin_step(batch_size=1, num_new=4)
+    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).view(1, 1, 4, 2)
+    compressor.write(0, keys, keys)
+    compressor.observe_queries(0, torch.zeros(1, 1, 4, 2))
+    compressor.end_step()
+    means = torch.tensor([0.5, 0.25, 0.0, 0.0])
+    redundancy = torch.softmax(means, dim=0).tolist()
+    assert redundancy == pytest.approx([0.3342, 0.2603, 0.2027, 0.2027], abs=1e-4)
+    assert _scores(compressor) == pytest.approx([-r for r in redundancy])  # lam 0: score = -redundancy
+    # lam = 1: pure importance; query 0 gives uniform attention over the non-window keys (all 4: window 0).
+    compressor.scorer.lam = 1.0
+    assert _scores(compressor) == pytest.approx([0.25] * 4)
+
+
+def test_rkv_importance_takes_the_max_of_the_group_logits_over_the_non_window_keys():
+    """Two query heads share one KV head: the logits are reduced by their max over the group, then one softmax over
+    the keys outside the window (the window key gets nothing)."""
+    compressor = DenseCompressor(
+        CompressionConfig(budget=100, window=1, protect_prompt=False),
+        RKVScorer(observation_window=1, kernel_size=1, lam=1.0), num_layers=1, query_heads=2, scale=1.0,
     )
     compressor.begin_step(batch_size=1, num_new=3)
-    keys = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).view(1, 1, 3, 2)
+    keys = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).view(1, 1, 3, 2)
     compressor.write(0, keys, keys)
-    compressor.observe_queries(0, torch.zeros(1, 1, 3, 2))
+    queries = torch.zeros(1, 2, 3, 2)
+    queries[0, 0, -1] = torch.tensor([3.0, 0.0])  # head a: logits [3, 0 | 3]
+    queries[0, 1, -1] = torch.tensor([0.0, 1.0])  # head b: logits [0, 1 | 1]
+    compressor.observe_queries(0, queries)
     compressor.end_step()
-    # Mean cosine similarity to the others: [1/2, 1/2, 0]; softmax -> redundancy; lam 0 -> score = -redundancy.
-    e = math.exp(0.5)
-    assert _scores(compressor) == pytest.approx([-e / (2 * e + 1), -e / (2 * e + 1), -1 / (2 * e + 1)])
-    # lam = 1: pure importance, the mean attention of the observation window (uniform here, query 0).
-    compressor.scorer.lam = 1.0
-    assert _scores(compressor) == pytest.approx([1 / 3, 1 / 3, 1 / 3])
+    e = math.e
+    assert _scores(compressor) == pytest.approx([e**3 / (e**3 + e), e / (e**3 + e), 0.0])  # softmax([3, 1]), window 0
 
 
 def test_streamingllm_keeps_sinks_then_recent():

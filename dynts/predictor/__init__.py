@@ -8,7 +8,17 @@ Training (traces, labels, the head's training loop) is in ``dynts.training.predi
 
 from __future__ import annotations
 
+from typing import Any
+
 from .head import ImportancePredictor, ModelIdentity
-from .scorer import PredictorScorer
 
 __all__ = ["ImportancePredictor", "ModelIdentity", "PredictorScorer"]
+
+
+def __getattr__(name: str) -> Any:
+    # The scorer lives with the other scorers (dynts.scorers.predictor), which import this package's head.
+    if name == "PredictorScorer":
+        from ..scorers.predictor import PredictorScorer
+
+        return PredictorScorer
+    raise AttributeError(f"module 'dynts.predictor' has no attribute {name!r}")

@@ -173,15 +173,31 @@ class ImportancePredictor(nn.Module):
         for path in (config_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"predictor head: {path} not found (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
-        meta = json.loads(config_path.read_text())
-        if meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+        try:
+            meta = json.loads(config_path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"predictor head: {config_path} is not valid JSON ({error})") from error
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
+            found = meta if not isinstance(meta, dict) else {k: meta.get(k) for k in ("format", "format_version")}
             raise ValueError(
-                f"{config_path} is not a dynts predictor head of format version {FORMAT_VERSION} "
-                f"(format={meta.get('format')!r}, version={meta.get('format_version')!r})"
+                f"predictor head: {config_path} is not a dynts predictor head of format version {FORMAT_VERSION} "
+                f"(found {found!r})"
             )
-        tensors = load_file(str(weights_path))
-        identity = ModelIdentity(**meta["base_model"], fingerprint=tensors.pop(FINGERPRINT_KEY))
+        try:
+            tensors = load_file(str(weights_path))
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupted files
+            raise ValueError(f"predictor head: cannot read {weights_path} ({type(error).__name__}: {error})") from error
+        try:
+            identity = ModelIdentity(**meta["base_model"], fingerprint=tensors.pop(FINGERPRINT_KEY))
+        except (KeyError, TypeError) as error:
+            raise ValueError(
+                f"predictor head: {config_path} / {weights_path} lack the base-model record ({error}); re-save the head"
+            ) from error
         head = cls(identity.hidden_size)
-        head.load_state_dict(tensors)
+        try:
+            head.load_state_dict(tensors)
+        except RuntimeError as error:
+            raise ValueError(f"predictor head: the weights in {weights_path} do not fit a head of hidden size "
+                             f"{identity.hidden_size} ({error})") from error
         return head, identity
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from ..storage import KVStorage
-from .base import ModelGeometry, Scorer, Step
+from ..config import check_int, check_token_ids
+from .base import CacheView, Scorer, Step
 
 # SepLLM's separators (Chen et al., 2024): punctuation and line breaks.
 SEPARATOR_TEXTS = (".", ",", "?", "!", ";", ":", "\n")
@@ -20,7 +20,7 @@ class WindowScorer(Scorer):
     name = "window"
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.slot_positions(rows).double()
+        return self.slots.positions[:, rows].double()
 
 
 class StreamingLLMScorer(Scorer):
@@ -29,13 +29,11 @@ class StreamingLLMScorer(Scorer):
     name = "streamingllm"
 
     def __init__(self, sinks: int = 4) -> None:
-        if sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
-        self.sinks = sinks
+        self.sinks = check_int("sinks", sinks, minimum=0)
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        positions = self.slot_positions(rows)
-        is_sink = positions < (self.sequence_start[rows] + self.sinks).view(1, -1, 1, 1)
+        positions = self.slots.positions[:, rows]
+        is_sink = positions < (self.slots.row_start[rows] + self.sinks).view(1, -1, 1, 1)
         return torch.where(is_sink, torch.full_like(positions, torch.iinfo(torch.int32).max), positions).double()
 
 
@@ -43,14 +41,13 @@ class SepLLMScorer(Scorer):
     """SepLLM (Chen et al., 2024): sinks first, then separator tokens, then the most recent tokens."""
 
     name = "sepllm"
+    STATE = "sepllm_is_separator"
 
     def __init__(self, separator_ids: Iterable[int], sinks: int = 4) -> None:
-        self.separator_ids = sorted({int(token) for token in separator_ids})
+        self.separator_ids = sorted(set(check_token_ids("separator_ids", separator_ids)))
         if not self.separator_ids:
             raise ValueError("separator_ids must name at least one token id")
-        if sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}")
-        self.sinks = sinks
+        self.sinks = check_int("sinks", sinks, minimum=0)
 
     @classmethod
     def from_tokenizer(cls, tokenizer: Any, texts: Iterable[str] = SEPARATOR_TEXTS, sinks: int = 4) -> "SepLLMScorer":
@@ -64,40 +61,57 @@ class SepLLMScorer(Scorer):
             raise ValueError(f"the tokenizer has no token for any separator in {sorted(wanted)}")
         return cls(ids, sinks=sinks)
 
-    def bind(self, storage: KVStorage, geometry: ModelGeometry, sequence_start: torch.Tensor) -> None:
-        super().bind(storage, geometry, sequence_start)
-        storage.add_slot_tensor("sepllm_is_separator", dtype=torch.bool, fill=False)
-        self._separator_ids = torch.tensor(self.separator_ids, device=storage.device)
+    def bind(self, view: CacheView) -> None:
+        super().bind(view)
+        view.slots.add_state(self.STATE, dtype=torch.bool, fill=False)
+        self._separator_ids = torch.tensor(self.separator_ids, device=view.slots.device)
 
     def on_step(self, step: Step) -> None:
         if step.input_ids is None:
             raise ValueError("sepllm needs input_ids (it cannot score inputs_embeds)")
-        is_separator = torch.isin(step.input_ids, self._separator_ids)
-        flags = self.storage.slot_tensors["sepllm_is_separator"]
-        index = step.slots.view(1, step.slots.shape[0], 1, -1).expand(flags.shape[0], -1, flags.shape[2], -1)
-        flags.scatter_(3, index, is_separator.view(1, step.slots.shape[0], 1, -1).expand_as(index))
+        self.slots.scatter(self.STATE, step.slots, torch.isin(step.input_ids, self._separator_ids))
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        positions = self.slot_positions(rows).double()
-        is_separator = self.storage.slot_tensors["sepllm_is_separator"][:, rows]
-        is_sink = positions < (self.sequence_start[rows] + self.sinks).view(1, -1, 1, 1)
+        positions = self.slots.positions[:, rows].double()
+        is_separator = self.slots.state(self.STATE)[:, rows]
+        is_sink = positions < (self.slots.row_start[rows] + self.sinks).view(1, -1, 1, 1)
         # Tiers: sinks > separators > the rest; recency orders each tier (positions < 2**40 here).
         tier = is_sink.double() * 2.0 + is_separator.double()
         return tier * 2.0**40 + positions
 
 
 class RandomScorer(Scorer):
-    """Uniformly random importance (a floor for the others)."""
+    """Uniformly random importance (a floor for the others).
+
+    A token's score is a hash of ``seed`` and its position counted from the start of its sequence: it does not
+    depend on the slot the token sits in, on how the prompt was chunked or batched, or on the integration.
+    """
 
     name = "random"
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
-
-    def bind(self, storage: KVStorage, geometry: ModelGeometry, sequence_start: torch.Tensor) -> None:
-        super().bind(storage, geometry, sequence_start)
-        self._generator = torch.Generator(device=storage.device).manual_seed(self.seed)
+        self.seed = check_int("seed", seed, minimum=0)
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
-        shape = (1, rows.numel(), 1, self.storage.capacity)
-        return torch.rand(shape, generator=self._generator, device=self.storage.device)
+        position = self.slots.positions[:, rows] - self.slots.row_start[rows].view(1, -1, 1, 1)
+        return uniform_hash(position, self.seed)
+
+
+# splitmix64's constants as signed int64 (torch integer arithmetic wraps around).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX_1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX_2 = 0x94D049BB133111EB - 2**64
+
+
+def uniform_hash(values: torch.Tensor, seed: int) -> torch.Tensor:
+    """A deterministic pseudo-random float64 in [0, 1) per int64 value (splitmix64-style mixing of value and seed)."""
+    mixed = values.to(torch.long) * _GOLDEN + seed
+    mixed = (mixed ^ _logical_shift(mixed, 30)) * _MIX_1
+    mixed = (mixed ^ _logical_shift(mixed, 27)) * _MIX_2
+    mixed = mixed ^ _logical_shift(mixed, 31)
+    return _logical_shift(mixed, 11).double() / 2.0**53
+
+
+def _logical_shift(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned right shift of int64 values (torch's >> sign-extends)."""
+    return (values >> bits) & ((1 << (64 - bits)) - 1)

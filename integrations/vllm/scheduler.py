@@ -23,7 +23,8 @@ from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.request import Request
 
-from ...tracking import find_marker
+from ...policy import compacted_length, next_trigger, protected_count, quota_overflows, request_spans
+from ...tracking import ThinkEndScanner
 from .protocol import ATTRIBUTE, Compaction, StepPlan
 from .settings import DynTSSettings, check_engine
 
@@ -31,9 +32,10 @@ from .settings import DynTSSettings, check_engine
 @dataclass
 class _RequestState:
     trigger: int  # the physical length that triggers the next compaction
+    scanner: ThinkEndScanner  # finds the end-of-thinking marker among the output tokens
     evicted: int = 0
     answer_start: int | None = None
-    searched_until: int = 0  # logical position up to which output tokens were searched for the think_end marker
+    searched_until: int = 0  # logical position up to which output tokens were scanned
 
 
 class _PhysicalLengthManager(FullAttentionManager):
@@ -89,7 +91,7 @@ class DynTSScheduler(Scheduler):
         self.dynts_settings = settings
         self.dynts_config = settings.compression
         self._dynts_requests: dict[str, _RequestState] = {}
-        self._dynts_compactions: dict[str, Compaction] = {}
+        self._dynts_compactions: list[Compaction] = []
         self._dynts_preemptions = 0
         self._dynts_manager = self._install_manager(kv_cache_config)
 
@@ -118,12 +120,12 @@ class DynTSScheduler(Scheduler):
 
     # ------------------------------------------------------------------ scheduling
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
-        self._dynts_compactions = {}
+        self._dynts_compactions = []
         for request in self.running:
             self._maybe_compact(request)
         output = super().schedule(*args, **kwargs)
         plan = StepPlan(
-            compactions=list(self._dynts_compactions.values()),
+            compactions=list(self._dynts_compactions),
             num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
             num_running=len(self.running),
             num_preemptions=self._dynts_preemptions,
@@ -138,38 +140,35 @@ class DynTSScheduler(Scheduler):
             return  # the prompt is not fully computed yet: like HF, the first compaction follows the prefill
         state = self._dynts_requests.get(request.request_id)
         if state is None:
-            state = self._dynts_requests[request.request_id] = _RequestState(trigger=config.budget)
+            state = self._dynts_requests[request.request_id] = _RequestState(
+                trigger=config.trigger, scanner=ThinkEndScanner(config.think_end or ()),
+                searched_until=request.num_prompt_tokens,
+            )
         self._find_think_end(request, state, logical_len)
-        physical_len = logical_len - state.evicted
-        if physical_len < state.trigger:
-            return
-        window = min(config.window, physical_len)
-        older_end = logical_len - window  # the window is the newest `window` logical tokens, all resident
-        protected_older = 0  # protected tokens are never evicted, so every one of them is still resident
-        if config.protect_prompt:
-            protected_older += min(request.num_prompt_tokens, older_end)
-        if config.protect_answer and state.answer_start is not None:
-            protected_older += max(0, older_end - state.answer_start)
-        keep_count = config.compacted_length(physical_len, protected_older)
-        self._dynts_compactions[request.request_id] = Compaction(
-            req_id=request.request_id, logical_len=logical_len, physical_len=physical_len, keep_count=keep_count,
-            prompt_end=request.num_prompt_tokens, answer_start=state.answer_start,
-        )
-        state.evicted += physical_len - keep_count
-        # As DenseCompressor (HF): after protected tokens overflowed the quota, grow by the usual gap before the next
-        # compaction instead of compacting at every step.
-        state.trigger = config.next_trigger(keep_count)
-        self._dynts_manager.free_tail(request.request_id, keep_count)
+        spans = request_spans(config, request.num_prompt_tokens, state.answer_start)
+        # Compact again at once while a compaction leaves the request at its trigger (a prompt far longer than the
+        # budget), as DenseCompressor does: the worker applies the commands in order.
+        while (physical_len := logical_len - state.evicted) >= state.trigger:
+            # Protected tokens are never evicted, so all of them are resident: count those outside the window (the
+            # window is the newest tokens, all resident), as plan_compaction will on the worker.
+            protected_older = protected_count(spans, logical_len - min(config.window, physical_len))
+            keep_count = compacted_length(config, physical_len, protected_older)
+            self._dynts_compactions.append(Compaction(
+                req_id=request.request_id, logical_len=logical_len, physical_len=physical_len, keep_count=keep_count,
+                prompt_end=request.num_prompt_tokens, answer_start=state.answer_start,
+            ))
+            state.evicted += physical_len - keep_count
+            state.trigger = next_trigger(config, keep_count, quota_overflows(config, physical_len, protected_older))
+            if keep_count == physical_len:
+                break  # nothing left to remove (keep_ratio 1, or everything protected)
+        self._dynts_manager.free_tail(request.request_id, logical_len - state.evicted)
 
     def _find_think_end(self, request: Request, state: _RequestState, logical_len: int) -> None:
-        """Spot the end-of-thinking marker among the output tokens fed so far (never inside the prompt)."""
-        marker = self.dynts_config.think_end
-        if not marker or state.answer_start is not None:
+        """Feed the output tokens computed since the last step to the end-of-thinking scanner (never the prompt)."""
+        if not self.dynts_config.think_end or state.answer_start is not None or logical_len <= state.searched_until:
             return
-        start = max(request.num_prompt_tokens, state.searched_until - (len(marker) - 1))
-        found = find_marker(request.all_token_ids[start:logical_len], marker)
-        if found is not None:
-            state.answer_start = start + found
+        new_tokens = request.all_token_ids[state.searched_until : logical_len]
+        state.answer_start = state.scanner.feed(new_tokens, state.searched_until)
         state.searched_until = logical_len
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -179,5 +178,5 @@ class DynTSScheduler(Scheduler):
     def _free_request_blocks(self, request: Request) -> None:
         # Preemption and finishing (abort included) both free all blocks here: the request starts over if resumed.
         self._dynts_requests.pop(request.request_id, None)
-        self._dynts_compactions.pop(request.request_id, None)
+        self._dynts_compactions = [c for c in self._dynts_compactions if c.req_id != request.request_id]
         super()._free_request_blocks(request)

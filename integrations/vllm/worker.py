@@ -12,46 +12,47 @@ and active only on engines with ``additional_config["dynts"]``:
 * after the forward: each request's new tokens get their slots and logical positions recorded, and the scorer
   sees them (the predictor reads their final-norm hidden states).
 
-Per-request bookkeeping reuses the core's ``KVStorage`` for one row with unit K/V dims: it holds the logical
-position of every physical slot and the scorer's per-slot state, and compacts them with the same kernels as HF.
+Per-request bookkeeping is the core's ``SlotTable`` with one row: the logical position of every physical slot and
+the scorer's per-slot state, compacted with the same kernels as HF; the keep-set comes from ``dynts.policy``'s
+``plan_compaction``, as in HF.
 """
 
 from __future__ import annotations
 
-import warnings
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
 from ... import kernels
-from ...policy import protected_slots, select_keep
-from ...scorers import ModelGeometry, Scorer, Step, to_granularity
-from ...storage import KVStorage
-from ...tracking import NOT_YET
+from ...policy import OverflowNotice, plan_compaction, request_spans
+from ...scorers import CacheView, ModelGeometry, Scorer, Step
+from ...slots import SlotTable
+from ...stats import CacheStats
 from .cpu_layout import CPUBlockLayout
 from .protocol import ATTRIBUTE, Compaction, StepPlan
 from .settings import SCHEDULER_CLASS, DynTSSettings
 
 
 class _RequestSlots:
-    """One request's slots on the worker: logical position per physical slot, and its scorer's state."""
+    """One request's slots on the worker: the logical position per physical slot, and its scorer's state."""
 
     def __init__(
         self, settings: DynTSSettings, scorer: Scorer, geometry: ModelGeometry, device: torch.device, dtype: torch.dtype
     ) -> None:
-        # dtype: the model's, as the K/V of an HF DynTSCache (scorers such as the predictor run in it).
-        self.storage = KVStorage(
-            num_layers=1, batch_size=1, kv_heads=1, key_dim=1, value_dim=1, capacity=settings.compression.budget,
-            dtype=dtype, device=device, config=settings.compression,
-        )
+        config = settings.compression
+        self.config = config
+        self.table = SlotTable(rows=1, capacity=config.trigger, layers_g=1, heads_g=1, num_layers=geometry.num_layers,
+                               kv_heads=geometry.kv_heads, device=device)
         self.scorer = scorer
-        scorer.bind(self.storage, geometry, torch.zeros(1, dtype=torch.long, device=device))
+        # dtype: the model's, as the K/V of an HF DynTSCache (scorers such as the predictor run in it).
+        scorer.bind(CacheView(self.table, geometry, config, dtype))
         self.logical_len = 0
 
     @property
     def physical_len(self) -> int:
-        return self.storage.physical_len_host[0]
+        return self.table.physical_len_host[0]
 
     @property
     def evicted(self) -> int:
@@ -60,21 +61,25 @@ class _RequestSlots:
     def commit(self, token_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
         """Record the ``n`` tokens a step wrote (next logical positions, next physical slots), then score them."""
         num_new = token_ids.shape[-1]
-        storage = self.storage
-        storage.ensure_capacity(self.physical_len + num_new)
-        device = storage.device
-        slots = storage.write_slots(num_new)
+        table = self.table
+        table.ensure_capacity(self.physical_len + num_new)
+        device = table.device
+        slots = table.write_slots(num_new)
+        table.claim(slots)
         positions = self.logical_len + torch.arange(num_new, device=device).view(1, -1)
-        storage.commit(slots, positions, [num_new])
+        table.set_positions(slots, positions)
+        table.grow_lengths([num_new])
         self.logical_len += num_new
         step = Step(
             input_ids=token_ids.view(1, -1).to(device), hidden_states=hidden_states.unsqueeze(0), slots=slots,
-            positions=positions, stored_count=torch.tensor([num_new], device=device),
-            key_len=storage.physical_len.clone(), key_start=torch.zeros(1, dtype=torch.long, device=device),
+            positions=positions, stored=torch.ones(1, num_new, dtype=torch.bool, device=device),
+            key_len=table.physical_len.clone(), query_count=torch.tensor([num_new], device=device),
+            key_start=torch.zeros(1, dtype=torch.long, device=device),
         )
-        self.scorer.on_step(step)
+        with torch.no_grad():
+            self.scorer.on_step(step)
 
-    def plan(self, command: Compaction) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def plan(self, command: Compaction) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keep indices ([1, 1, 1, K]), keep count ([1]) and overflow flag of a compaction, by ``dynts.policy``."""
         if (self.logical_len, self.physical_len) != (command.logical_len, command.physical_len):
             raise RuntimeError(
@@ -82,26 +87,36 @@ class _RequestSlots:
                 f"compacts it at logical/physical length {command.logical_len}/{command.physical_len}, the worker "
                 f"holds {self.logical_len}/{self.physical_len}"
             )
-        storage, rows = self.storage, torch.zeros(1, dtype=torch.long, device=self.storage.device)
-        length = self.physical_len
-        scores = to_granularity(self.scorer.score(rows), storage.layers_g, storage.heads_g, storage.num_layers, storage.kv_heads)
-        positions = storage.positions[:, rows, :, :length]
-        device = storage.device
-        answer_start = torch.tensor([NOT_YET if command.answer_start is None else command.answer_start], device=device)
-        protected = protected_slots(positions, torch.tensor([command.prompt_end], device=device), answer_start, storage.config)
-        plan = select_keep(scores[..., :length], storage.physical_len, protected, storage.config)
+        table = self.table
+        rows = torch.zeros(1, dtype=torch.long, device=table.device)
+        with torch.no_grad():
+            plan = plan_compaction(
+                self.scorer.score(rows), table.positions, table.physical_len,
+                [request_spans(self.config, command.prompt_end, command.answer_start)], self.config,
+                num_layers=table.num_layers, kv_heads=table.kv_heads,
+            )
         if int(plan.keep_count[0]) != command.keep_count:
             raise RuntimeError(
                 f"dynts: request {command.req_id!r}: the policy keeps {int(plan.keep_count[0])} slots but the "
                 f"scheduler planned {command.keep_count} (protected spans disagree)"
             )
-        return plan.keep_index, plan.keep_count, bool(plan.overflow.any())
+        return plan.keep_index, plan.keep_count, plan.overflow
 
     def compact(self, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
-        self.storage.compact(torch.zeros(1, dtype=torch.long, device=self.storage.device), keep_index, keep_count)
+        self.table.compact(torch.zeros(1, dtype=torch.long, device=self.table.device), keep_index, keep_count)
 
     def resident_positions(self) -> list[int]:
-        return self.storage.resident_positions(0)[0].tolist()
+        return self.table.resident_positions(0)[0].tolist()
+
+
+@dataclass
+class PoolStats:
+    """What the worker sees of vLLM's block pool (sent by the scheduler with each step)."""
+
+    num_free_blocks: int | None = None
+    num_preemptions: int = 0
+    peak_running: int = 0
+    max_blocks_per_request: int = 0
 
 
 class DynTSWorker:
@@ -134,9 +149,18 @@ class DynTSWorker:
         self.scorer_extra = {"predictor": _load_predictor(settings, runner)} if settings.scorer == "predictor" else {}
         self.requests: dict[str, _RequestSlots] = {}
         self.finished_positions: dict[str, list[int]] = {}
-        self.stats = {"compactions": 0, "evicted_tokens": 0, "max_blocks_per_request": 0, "peak_running": 0,
-                      "num_free_blocks": None, "num_preemptions": 0}
-        self._warned_overflow = False
+        self.stats = CacheStats(history_limit=0)
+        self.pool = PoolStats()
+        self._overflow = OverflowNotice()
+
+    def stats_dict(self) -> dict[str, Any]:
+        """Compaction counters and block-pool observations, as one plain dict (read by tests through RPC)."""
+        return {**self.stats.as_dict(), **asdict(self.pool)}
+
+    def reset_counters(self) -> None:
+        """Start the compaction counters and the pool peaks afresh (the pool's current state is kept)."""
+        self.stats = CacheStats(history_limit=0)
+        self.pool = PoolStats(num_free_blocks=self.pool.num_free_blocks, num_preemptions=self.pool.num_preemptions)
 
     # ------------------------------------------------------------------ set-up
     def _cpu_layout(self, runner: Any) -> CPUBlockLayout:
@@ -201,14 +225,9 @@ class DynTSWorker:
             kernels.compact_paged_([_plane_first(cache) for cache in self.kv_caches], table, keep_index, keep_count)
         slots.compact(keep_index, keep_count)
         self._truncate_blocks(runner, command.req_id, -(-command.keep_count // self.block_size))
-        self.stats["compactions"] += 1
-        self.stats["evicted_tokens"] += command.physical_len - command.keep_count
-        if overflow and not self._warned_overflow:
-            self._warned_overflow = True
-            warnings.warn(
-                "dynts: protected tokens (prompt / answer) exceed the keep quota of a compaction; all of them are kept "
-                "and the request holds more than budget tokens (warned once per worker)", RuntimeWarning, stacklevel=2,
-            )
+        self.stats.compactions += 1
+        self.stats.evicted_tokens += command.physical_len - command.keep_count
+        self._overflow.check(overflow)
 
     @staticmethod
     def _truncate_blocks(runner: Any, req_id: str, num_blocks: int) -> None:
@@ -222,9 +241,9 @@ class DynTSWorker:
             table.num_blocks_per_row[row] = min(table.num_blocks_per_row[row], num_blocks)
 
     def _record_pool(self, plan: StepPlan) -> None:
-        self.stats["num_free_blocks"] = plan.num_free_blocks
-        self.stats["num_preemptions"] = plan.num_preemptions
-        self.stats["peak_running"] = max(self.stats["peak_running"], plan.num_running)
+        self.pool.num_free_blocks = plan.num_free_blocks
+        self.pool.num_preemptions = plan.num_preemptions
+        self.pool.peak_running = max(self.pool.peak_running, plan.num_running)
 
     def fix_inputs(self, runner: Any, total_tokens: int) -> None:
         """After ``_prepare_inputs``: physical write slots and attention lengths, logical positions."""
@@ -259,9 +278,10 @@ class DynTSWorker:
             token_ids = torch.from_numpy(batch.token_ids_cpu[row, first : first + num_new].astype(np.int64))
             slots.commit(token_ids, hidden_states[start : start + num_new])
             start += num_new
-            self.stats["max_blocks_per_request"] = max(
-                self.stats["max_blocks_per_request"], len(runner.requests[req_id].block_ids[0])
+            self.pool.max_blocks_per_request = max(
+                self.pool.max_blocks_per_request, len(runner.requests[req_id].block_ids[0])
             )
+        self.stats.record_step([slots.physical_len for slots in self.requests.values()], 0)
 
 
 def _unique_tensors(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

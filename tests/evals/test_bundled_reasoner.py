@@ -34,7 +34,7 @@ def test_every_method_ran_at_a_quarter_of_the_thinking_length(results: dict[str,
     assert set(results) == expected
     budgets = {s["budget"] for s in results.values() if s["method"] != FULL}
     assert len(budgets) == 1 and 200 <= budgets.pop() <= 300  # 25% of ~1,000 thinking tokens
-    assert all(s["evictions"] > 0 for s in results.values() if s["method"] != FULL)
+    assert all(s["compactions"] > 0 for s in results.values() if s["method"] != FULL)
 
 
 def test_full_cache_solves_the_task(results: dict[str, dict]) -> None:

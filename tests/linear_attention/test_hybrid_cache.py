@@ -86,9 +86,9 @@ def test_compaction_leaves_linear_states_and_matches_masked_full_cache(name):
     end_step = cache.compressor.end_step
 
     def checked_end_step(*args, **kwargs):
-        before, evictions = linear_states(cache), cache.stats.evictions
+        before, evictions = linear_states(cache), cache.stats.compactions
         end_step(*args, **kwargs)
-        if cache.stats.evictions > evictions:
+        if cache.stats.compactions > evictions:
             compactions.append(all(torch.equal(a, b) for a, b in zip(before, linear_states(cache))))
 
     cache.compressor.end_step = checked_end_step

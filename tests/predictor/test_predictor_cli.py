@@ -63,7 +63,7 @@ def test_label_train_generate(saved_model: Path, tmp_path: Path, capsys: pytest.
                  "--prompt", "a 3 + b 7 - c 1 + n2 s1 t3 s2 t5 <think>", "--max-new-tokens", "40",
                  "--budget", "40", "--window", "4", "--keep-ratio", "0.5"]) == 0
     stats = _last_json(capsys.readouterr().out)
-    assert stats["evictions"] >= 1 and stats["scoring_seconds"] > 0
+    assert stats["compactions"] >= 1 and stats["scoring_seconds"] > 0
 
 
 def test_label_future_mode_and_argument_errors(saved_model: Path, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from transformers import LogitsProcessorList
 
 from dynts import CompressionConfig, DynTSCache
 from dynts.modeling import decoder_module
+from dynts.policy import keep_quota
 from dynts.predictor import ImportancePredictor, PredictorScorer
 from tiny_models import ForceToken, left_padded_batch, tiny_model
 
@@ -34,7 +35,7 @@ def _replay(config: CompressionConfig, head: ImportancePredictor, steps: list[to
         if len(resident) >= config.budget:
             window = resident[-config.window:]
             older = resident[: -config.window]
-            quota = config.kept_older(len(older))
+            quota = keep_quota(config, len(older))
             protected = [p for p in older if p < prompt_end or (p >= answer_start and position > answer_start)]
             candidates = [p for p in older if p not in protected]
             # best score first; ties to the more recent token
@@ -71,7 +72,7 @@ def test_generate_keeps_exactly_protected_window_and_top_predicted() -> None:
                            logits_processor=LogitsProcessorList([ForceToken(marker_step, THINK_END, only_then=True)]))
     finally:
         handle.remove()
-    assert cache.stats.evictions >= 2 * 6
+    assert cache.stats.compactions >= 2 * 6
     answer_start = width + marker_step  # logical position of the marker, fed at step marker_step + 1
     for row, pad in enumerate((width - 6, 0)):
         expected = _replay(config, head, steps, row, pad, width, answer_start)
@@ -90,6 +91,6 @@ def test_predictor_scorer_by_name_inside_generate(tmp_path) -> None:
     cache = DynTSCache(model, config, scorer="predictor", scorer_kwargs={"predictor": tmp_path, "model": model}, eos_token_id=[])
     model.generate(torch.tensor([[7, 8, 9, 10]]), max_new_tokens=40, past_key_values=cache, do_sample=False,
                    eos_token_id=None, pad_token_id=0)
-    assert cache.stats.evictions >= 2
-    assert max(max(row) for row in cache.stats.physical_len_history) <= 24
+    assert cache.stats.compactions >= 2
+    assert max(max(row) for row in cache.stats.history) <= 24
     assert cache.stats.scoring_seconds > 0.0

@@ -105,6 +105,7 @@ class LabelRecorder(Scorer):
 
     name = "label-recorder"
     needs_queries = True
+    needs_keys = True
     needs_hidden_states = True
 
     def __init__(self, length: int, mode: LabelMode, answer_start: int | None, horizon: int | None, query_chunk: int) -> None:
@@ -121,9 +122,9 @@ class LabelRecorder(Scorer):
             raise ValueError(
                 f"labels: expected one forward pass over 1 x {self.length} tokens, got queries of shape {tuple(queries.shape)}"
             )
-        keys = self.storage.keys[layer, 0, :, : self.length]
+        keys = self.view.keys(layer)[0, :, : self.length]
         self.layer_sums.append(received_attention(
-            queries[0], keys, self.geometry.scale, self.mode, self.answer_start, self.horizon, self.query_chunk,
+            queries[0], keys, self.view.geometry.scale, self.mode, self.answer_start, self.horizon, self.query_chunk,
         ))
 
     def on_step(self, step: Step) -> None:
@@ -210,7 +211,7 @@ def label_sequence(
     divisor, uniform = row_weights(length, mode, answer_start, horizon)
     divisor = divisor.to(device)
     per_layer = torch.stack(recorder.layer_sums)  # [layers, L] sums over rows and heads
-    q_heads = recorder.geometry.q_heads
+    q_heads = recorder.view.geometry.q_heads
     attention = per_layer.double().mean(dim=0) / (q_heads * divisor.clamp(min=1))
     return SequenceLabels(hidden=recorder.hidden, attention=attention.float(), uniform=uniform.float().to(device))
 

@@ -1,13 +1,13 @@
-"""``PredictorScorer``: the trained head scores each token from its final-norm hidden state during generate.
+"""``PredictorScorer``: the trained head scores each token from its final-norm hidden state while decoding.
 
     scorer = PredictorScorer("ip-head", model=model)  # refuses a head trained for another model
     cache = DynTSCache(model, CompressionConfig(budget=3000, window=1000, think_end=...), scorer=scorer)
     model.generate(**inputs, past_key_values=cache)
 
 or by name: ``DynTSCache(model, config, scorer="predictor", scorer_kwargs={"predictor": "ip-head", "model": model})``.
-It is an ``ExternalScorer``: ``DynTSCache``'s decoder hook hands it each step's final-norm hidden states, the
-head maps them to one score per new token, and the score is stored in the token's slot and moves with it
-through compaction. Prompt and post-thinking tokens need no special score: the policy protects them.
+The cache hands it each step's final-norm hidden states; the head maps them to one score per new token, stored in
+the token's slot (it moves with the token through compaction). Prompt and post-thinking tokens need no special
+score: the policy protects them.
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..scorers.base import ModelGeometry
-from ..scorers.external import ExternalScorer
-from ..storage import KVStorage
-from .head import ImportancePredictor
+from ..predictor.head import ImportancePredictor
+from .base import CacheView, TokenScoreScorer
 
 
-class PredictorScorer(ExternalScorer):
+class PredictorScorer(TokenScoreScorer):
     """predictor: an ``ImportancePredictor`` or the directory of a saved head. model: with a directory, the
     model the head will score (checked against the head's recorded base model).
 
@@ -48,13 +46,11 @@ class PredictorScorer(ExternalScorer):
             if hidden_size != predictor.hidden_size:
                 raise ValueError(f"the predictor head reads hidden size {predictor.hidden_size}; the model's is {hidden_size}")
         self.head = predictor.eval()
-        super().__init__(self._predict)
 
-    def bind(self, storage: KVStorage, geometry: ModelGeometry, sequence_start: torch.Tensor) -> None:
-        super().bind(storage, geometry, sequence_start)
-        self.head.to(storage.device)
-        self.head.hidden_layers.to(storage.dtype)
+    def bind(self, view: CacheView) -> None:
+        super().bind(view)
+        self.head.to(view.slots.device)
+        self.head.hidden_layers.to(view.dtype)
 
-    def _predict(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+    def token_scores(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
         return self.head(hidden_states)
-
