@@ -1,9 +1,11 @@
 """Answer extraction and grading: math-verify for math datasets, exact match for the synthetic task, letters for
 multiple choice.
 
-Every grader answers three questions about a completion: which answer it gives (``extract``; None when it
-gives none), whether that answer equals the reference (``is_correct``), and whether two extracted answers are
-the same (``same_answer``, used by majority voting, so ``maj@k`` votes over answers, not over correctness).
+Every grader answers four questions about a completion: which answer it gives (``extract``; None when it
+gives none), whether that answer equals the reference (``is_correct``), how much of it is right
+(``partial_credit``, in [0, 1]: per saved value on the synthetic task, all or nothing elsewhere), and whether
+two extracted answers are the same (``same_answer``, used by majority voting, so ``maj@k`` votes over answers,
+not over correctness).
 Only the text after the last ``</think>`` is graded when a completion has one (a reasoning model's answer).
 """
 
@@ -28,6 +30,8 @@ class Grader(Protocol):
     def extract(self, completion: str) -> Any | None: ...
 
     def is_correct(self, extracted: Any | None, reference: Any) -> bool: ...
+
+    def partial_credit(self, extracted: Any | None, reference: Any) -> float: ...
 
     def same_answer(self, first: Any, second: Any) -> bool: ...
 
@@ -81,6 +85,9 @@ class MathGrader:
 
         return extracted is not None and bool(verify(reference, extracted))
 
+    def partial_credit(self, extracted: list[Any] | None, reference: list[Any]) -> float:
+        return float(self.is_correct(extracted, reference))
+
     def same_answer(self, first: list[Any], second: list[Any]) -> bool:
         from math_verify import verify
 
@@ -96,6 +103,9 @@ class _ExactMatch:
     def is_correct(self, extracted: str | None, reference: str) -> bool:
         return extracted is not None and extracted == reference
 
+    def partial_credit(self, extracted: str | None, reference: str) -> float:
+        return float(self.is_correct(extracted, reference))
+
     def same_answer(self, first: str, second: str) -> bool:
         return first == second
 
@@ -104,7 +114,8 @@ class _ExactMatch:
 
 
 class SyntheticGrader(_ExactMatch):
-    """The synthetic task: the saved digits listed after ``</think>``, compared exactly."""
+    """The synthetic task: the saved digits listed after ``</think>``, compared exactly; partial credit is the
+    share of saved values answered right."""
 
     name = "synthetic"
 
@@ -115,6 +126,16 @@ class SyntheticGrader(_ExactMatch):
         from .synthetic_task import extract_answer
 
         return extract_answer(completion)
+
+    def partial_credit(self, extracted: str | None, reference: str) -> float:
+        """Share of the saves whose value the answer gives right (save ``k`` is the ``k``-th listed value). Values
+        listed beyond the reference's count as wrong saves, so the credit is 1 exactly when the answer is
+        correct; an answer without the ``s1 v1 s2 v2 ...`` form (None) gets 0."""
+        if extracted is None:
+            return 0.0
+        given, expected = extracted.split(), reference.split()
+        right = sum(value == wanted for value, wanted in zip(given, expected))
+        return right / max(len(given), len(expected))
 
 
 _CHOICE_PATTERNS = (

@@ -1,20 +1,24 @@
 """Train the tiny reasoner that ships with the package (``dynts/assets/reasoner``).
 
 A Llama-architecture decoder (about 3.6M parameters) learns the synthetic register-machine task
-(``synthetic_task.py``) from freshly generated problems: loss on the trace and the answer only, bf16 autocast
-on CUDA, AdamW with warm-up and cosine decay, a fixed seed. At the end it saves the checkpoint (safetensors)
-and tokenizer, reloads them in fp32 and measures full-cache greedy accuracy on held-out problems.
+(``dynts.evals.synthetic_task``) on a mixture of its families (dormant, reuse with every re-read period,
+abandoned branches) from freshly generated problems: loss on the trace and the answer only, bf16 autocast on
+CUDA, AdamW with warm-up and cosine decay, a fixed seed. At the end it saves the checkpoint (safetensors) and
+tokenizer, reloads them in fp32, measures full-cache greedy accuracy (exact and per save) on held-out problems
+of every family, and writes the problems to label for the importance predictor. Everything goes to ``--out``.
 
-The shipped model was built on one H100 with (the run used ``--steps auto``, which timed a probe and chose
-2060 steps; ``--steps 2060`` replays it):
+Recipe for the bundled model (one H200; ``--steps auto`` would instead time a probe and log the step count that
+``--steps N`` replays), then the predictor from the model's own traces:
 
-    python -m dynts.training.reasoner --out dynts/assets/reasoner --seed 0 --steps 2060 \
-        --augment 0.5 --augment-start 0.3 --eval-budget 70 --eval-batch 512 --workers 6 \
-        --proxy-problems 256 --proxy-every 1000
+    python -m dynts.training.reasoner --out OUT --seed 0 --steps 3000 --max-train-seconds 300 --augment 0.5 \
+        --augment-start 0.3 --eval-problems 256 --eval-batch 512 --workers 8 --proxy-problems 128 \
+        --proxy-every 1000 --no-sweep --predictor-problems 200 --predictor-seed 7
+    dynts label --model OUT --data OUT/predictor_problems.jsonl --grader synthetic --greedy --dtype float32 \
+        --batch-size 200 --max-new-tokens 2048 --seed 7 --out LABELS
+    dynts train-predictor --labels LABELS --out OUT/predictor --seed 0
 
-``--augment`` trains part of the batches under eviction-like key masking, so the model copes with evicted
-redundant tokens; ``dynts/assets/reasoner/TRAINING.md`` has the log and the accuracies. This module and
-``synthetic_task.py`` import nothing else from dynts, so they run from a bare copy of the two files.
+``--augment`` trains part of the batches under eviction-like key masking (``Augmentation``), so the model copes
+with evicted redundant tokens and reads a saved value from whichever of its copies survived.
 """
 
 from __future__ import annotations
@@ -34,15 +38,17 @@ from typing import Any
 import torch
 from dynts.evals.synthetic_task import (
     EVAL_SEED,
+    FAMILIES,
     MAX_NOISE,
     MAX_SAVES,
     MAX_STEPS,
+    REUSE_PERIODS,
     THINK_END,
     VOCAB,
+    Problem,
     TaskConfig,
     build_tokenizer,
     encode_words,
-    extract_answer,
     generate_problem,
     generate_problems,
 )
@@ -62,7 +68,9 @@ class ModelShape:
     heads: int = 8
     kv_heads: int = 4
     intermediate_size: int = 512
-    max_positions: int = 5120
+    # A branches trace of MAX_STEPS steps at noise MAX_NOISE is about 6,500 tokens (RoPE has no learned table,
+    # so this only documents the longest trained context).
+    max_positions: int = 8192
 
 
 def build_model(shape: ModelShape, seed: int) -> Any:
@@ -88,51 +96,90 @@ def build_model(shape: ModelShape, seed: int) -> Any:
     return LlamaForCausalLM(config)
 
 
+def family_variants(families: tuple[str, ...]) -> list[TaskConfig]:
+    """One default config per family and re-read period (the held-out suite and the predictor's problems)."""
+    variants = []
+    for family in families:
+        if family == "reuse":
+            variants += [TaskConfig(family="reuse", reuse_every=period) for period in REUSE_PERIODS]
+        else:
+            variants.append(TaskConfig(family=family))
+    return variants
+
+
 @dataclass(frozen=True)
 class Augmentation:
-    """Eviction-like key masking on a fraction of batches, so the model does not lean on redundant tokens.
+    """Eviction-like key masking on a fraction of batches, so the model does not lean on redundant tokens and
+    reads a saved value from any of its copies.
 
-    In a masked batch each row draws a window ``W`` and a keep probability ``p``; a key is visible to a query
-    while it is among the query's last ``W`` tokens, and after that only if it is protected (prompt), critical
-    (a save value or its restatement) or kept by a coin of probability ``p``: what a cache that keeps the right
-    tokens plus some random others would show the model. Critical and prompt tokens are never hidden, so the
-    model learns no way around losing them.
+    In a masked batch each row draws a window ``W``, a keep probability ``p`` and a copy-hiding probability
+    ``q``; a key is visible to a query while it is among the query's last ``W`` tokens, and after that only if
+    it belongs to the prompt, or is a copy of a saved value that survived its coin of probability ``1 - q``
+    (originals included, so the model learns to use restatements and re-reads), or is another token kept by a
+    coin of probability ``p``: what a cache that keeps some copies plus some random tokens shows the model. A
+    read (restatement, re-read, answer value) whose save has no copy visible to it gets no loss: no cache state
+    lets the model know it, and training it to guess would teach it to ignore the copies.
     """
 
     fraction: float = 0.0
     window: tuple[int, int] = (40, 192)
     keep_probability: tuple[float, float] = (0.0, 0.5)
+    hide_copy_probability: tuple[float, float] = (0.0, 0.75)
     start_batch: int = 0  # batches before this index are never masked (learn the task first)
 
 
-def training_sequence(rng: random.Random, steps: tuple[int, int]) -> tuple[list[int], int, list[int], int]:
-    """One training problem: token ids (bos + prompt + completion + eos), the prompt length (no loss), the
-    sequence indices of its critical tokens, and the index of ``</think>``."""
-    low, high = steps
-    draw = rng.randint(low, high)
-    config = TaskConfig(steps=draw, saves=rng.randint(1, min(MAX_SAVES, draw)), noise=rng.randint(0, MAX_NOISE))
-    problem = generate_problem(rng, config)
-    prompt = [BOS] + encode_words(problem.prompt)
-    completion = encode_words(problem.completion)
-    critical = [len(prompt) + position for position in problem.critical_positions]
-    think_end = len(prompt) + completion.index(THINK_END_ID)
-    return prompt + completion + [EOS], len(prompt), critical, think_end
+@dataclass(frozen=True)
+class TrainingSequence:
+    """One training problem as token ids (bos + prompt + completion + eos) and its annotation, in sequence
+    indices: ``copies`` (save -> indices of its value's copies) and ``reads`` ((index, save) of each token that
+    needs an earlier copy)."""
+
+    ids: list[int]
+    prompt_length: int
+    think_end: int
+    copies: dict[int, list[int]]
+    reads: list[tuple[int, int]]
+
+    @classmethod
+    def from_problem(cls, problem: Problem) -> TrainingSequence:
+        prompt = [BOS] + encode_words(problem.prompt)
+        completion = encode_words(problem.completion)
+        offset = len(prompt)
+        return cls(
+            ids=prompt + completion + [EOS],
+            prompt_length=offset,
+            think_end=offset + completion.index(THINK_END_ID),
+            copies={save: [offset + p for p in positions] for save, positions in problem.value_copies.items()},
+            reads=[(offset + position, save) for position, save in problem.value_reads],
+        )
+
+
+def draw_config(rng: random.Random, steps: tuple[int, int], families: tuple[str, ...]) -> TaskConfig:
+    """A training problem's config: a family of ``families`` (and a re-read period), a step count in ``steps``,
+    any number of saves and any noise level, uniformly."""
+    family = rng.choice(families)
+    reuse_every = rng.choice(REUSE_PERIODS) if family == "reuse" else None
+    draw = rng.randint(*steps)
+    return TaskConfig(steps=draw, saves=rng.randint(1, min(MAX_SAVES, draw)), noise=rng.randint(0, MAX_NOISE),
+                      family=family, reuse_every=reuse_every)
 
 
 class ProblemBatches(torch.utils.data.IterableDataset):
-    """Endless batches of about ``batch_tokens`` tokens; batch ``i`` uses step bucket ``i mod len(buckets)``.
+    """Endless batches of about ``batch_tokens`` tokens; batch ``i`` uses step bucket ``i mod len(buckets)``, each
+    problem a family drawn from ``families``.
 
     A batch holds ``input_ids`` (right-padded), ``weights`` (per predicted token: 0 on prompt and padding,
-    ``retrieval_weight`` on the answer and on restated saves, 1 elsewhere) and, for masked batches,
-    ``visible_key`` (which keys stay visible beyond the window) and ``window``. Each DataLoader worker draws
-    from its own seeded generator; the loader interleaves workers in turn, so the stream is fixed by
-    (seed, workers).
+    ``retrieval_weight`` on the answer and on copies of saved values, 1 elsewhere; 0 on reads that a masked row
+    hides every copy of) and, for masked batches, ``visible_key`` (which keys stay visible beyond the window)
+    and ``window``. Each DataLoader worker draws from its own seeded generator; the loader interleaves workers
+    in turn, so the stream is fixed by (seed, workers).
     """
 
     def __init__(self, seed: int, batch_tokens: int, buckets: tuple[tuple[int, int], ...],
-                 retrieval_weight: float = 1.0, augmentation: Augmentation = Augmentation()):
+                 retrieval_weight: float = 1.0, augmentation: Augmentation = Augmentation(),
+                 families: tuple[str, ...] = FAMILIES):
         self.seed, self.batch_tokens, self.buckets = seed, batch_tokens, buckets
-        self.retrieval_weight, self.augmentation = retrieval_weight, augmentation
+        self.retrieval_weight, self.augmentation, self.families = retrieval_weight, augmentation, families
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
@@ -144,36 +191,46 @@ class ProblemBatches(torch.utils.data.IterableDataset):
             index += workers
 
     def make_batch(self, rng: random.Random, steps: tuple[int, int], may_mask: bool = True) -> dict[str, torch.Tensor]:
-        sequences = []
+        sequences: list[TrainingSequence] = []
         longest = 0
         while True:
-            sequence = training_sequence(rng, steps)
-            if sequences and max(longest, len(sequence[0])) * (len(sequences) + 1) > self.batch_tokens:
+            sequence = TrainingSequence.from_problem(generate_problem(rng, draw_config(rng, steps, self.families)))
+            if sequences and max(longest, len(sequence.ids)) * (len(sequences) + 1) > self.batch_tokens:
                 break
             sequences.append(sequence)
-            longest = max(longest, len(sequence[0]))
+            longest = max(longest, len(sequence.ids))
         rows = len(sequences)
         longest = -(-longest // 16) * 16  # a multiple of 16 keeps the attention mask aligned for fused kernels
         input_ids = torch.full((rows, longest), PAD, dtype=torch.long)
         # weights[r, k] weighs the prediction of token k + 1 from position k.
         weights = torch.zeros((rows, longest), dtype=torch.float32)
-        for row, (ids, prompt_len, critical, think_end) in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            weights[row, prompt_len - 1 : len(ids) - 1] = 1.0
-            weights[row, think_end : len(ids) - 1] = self.retrieval_weight
-            for position in critical:
-                weights[row, position - 1] = self.retrieval_weight
+        for row, sequence in enumerate(sequences):
+            end = len(sequence.ids)
+            input_ids[row, :end] = torch.tensor(sequence.ids)
+            weights[row, sequence.prompt_length - 1 : end - 1] = 1.0
+            weights[row, sequence.think_end : end - 1] = self.retrieval_weight
+            for positions in sequence.copies.values():
+                weights[row, [position - 1 for position in positions]] = self.retrieval_weight
         batch = {"input_ids": input_ids, "weights": weights}
         augmentation = self.augmentation
         if augmentation.fraction and rng.random() < augmentation.fraction and may_mask:
             visible = torch.zeros((rows, longest), dtype=torch.bool)
             window = torch.zeros((rows, 1, 1, 1), dtype=torch.long)
-            for row, (_, prompt_len, critical, _) in enumerate(sequences):
+            for row, sequence in enumerate(sequences):
                 probability = rng.uniform(*augmentation.keep_probability)
                 visible[row] = torch.rand(longest, generator=torch.Generator().manual_seed(rng.getrandbits(62))) < probability
-                visible[row, :prompt_len] = True
-                visible[row, critical] = True
-                window[row] = rng.randint(*augmentation.window)
+                visible[row, : sequence.prompt_length] = True
+                hide = rng.uniform(*augmentation.hide_copy_probability)
+                kept_copy = {position: rng.random() >= hide for positions in sequence.copies.values() for position in positions}
+                visible[row, list(kept_copy)] = torch.tensor(list(kept_copy.values()))
+                row_window = rng.randint(*augmentation.window)
+                window[row] = row_window
+                for position, save in sequence.reads:
+                    # The query predicting `position` needs a copy written before it, kept or within its window
+                    # (the rule of attention_mask_for).
+                    query = position - 1
+                    if not any(copy <= query and (kept_copy[copy] or query - copy < row_window) for copy in sequence.copies[save]):
+                        weights[row, query] = 0.0
             batch["visible_key"] = visible
             batch["window"] = window
         return batch
@@ -206,6 +263,15 @@ def parse_buckets(text: str) -> tuple[tuple[int, int], ...]:
             raise argparse.ArgumentTypeError(f"bucket {part!r}: expected LOW-HIGH with 1 <= LOW <= HIGH <= {MAX_STEPS}")
         buckets.append((int(low), int(high)))
     return tuple(buckets)
+
+
+def parse_families(text: str) -> tuple[str, ...]:
+    """``"dormant,reuse"`` -> ("dormant", "reuse"); each one of the task's FAMILIES, none twice."""
+    families = tuple(text.split(","))
+    unknown = [family for family in families if family not in FAMILIES]
+    if unknown or len(set(families)) != len(families):
+        raise argparse.ArgumentTypeError(f"families {text!r}: expected distinct names among {FAMILIES}")
+    return families
 
 
 def learning_rate(step: int, total: int, peak: float, warmup: int, floor: float = 0.05) -> float:
@@ -245,11 +311,22 @@ def train_step(model: Any, batch: dict[str, torch.Tensor], optimizer: torch.opti
     return loss.detach()
 
 
+def describe(config: TaskConfig) -> str:
+    """A short name of a config for logs: ``reuse r2 steps 32-40 saves 6 noise 3``."""
+    low, high = config.step_range
+    family = f"reuse r{config.reuse_every}" if config.family == "reuse" else config.family
+    return f"{family} steps {low}-{high} saves {config.saves} noise {config.noise}"
+
+
 @torch.no_grad()
 def full_cache_accuracy(model: Any, tokenizer: Any, config: TaskConfig, count: int, batch_size: int, device: str) -> dict[str, Any]:
-    """Greedy full-cache accuracy on ``count`` held-out problems of ``config`` (plain HF generate)."""
+    """Greedy full-cache accuracy (exact match and per save) on ``count`` held-out problems of ``config``
+    (plain HF generate)."""
+    from dynts.evals.grading import get_grader
+
+    grader = get_grader("synthetic")
     problems = generate_problems(count, HELDOUT_SEED, config)
-    correct, trace_lengths, new_tokens = 0, [], 0
+    correct, credit, trace_lengths, new_tokens = 0, 0.0, [], 0
     start = time.perf_counter()
     for first in range(0, count, batch_size):
         chunk = problems[first : first + batch_size]
@@ -259,7 +336,9 @@ def full_cache_accuracy(model: Any, tokenizer: Any, config: TaskConfig, count: i
         generated = output[:, inputs["input_ids"].shape[1] :]
         for problem, ids in zip(chunk, generated):
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            correct += extract_answer(text) == problem.answer
+            extracted = grader.extract(text)
+            correct += grader.is_correct(extracted, problem.answer)
+            credit += grader.partial_credit(extracted, problem.answer)
             words = text.split()
             trace_lengths.append(words.index(THINK_END) if THINK_END in words else len(words))
             new_tokens += int((ids != tokenizer.pad_token_id).sum())
@@ -267,6 +346,7 @@ def full_cache_accuracy(model: Any, tokenizer: Any, config: TaskConfig, count: i
         "config": asdict(config),
         "problems": count,
         "accuracy": correct / count,
+        "per_save_accuracy": credit / count,
         "mean_trace_tokens": statistics.mean(trace_lengths),
         "seconds": round(time.perf_counter() - start, 1),
         "new_tokens": new_tokens,
@@ -274,64 +354,96 @@ def full_cache_accuracy(model: Any, tokenizer: Any, config: TaskConfig, count: i
 
 
 @torch.no_grad()
-def teacher_forced_exact_match(model: Any, config: TaskConfig, count: int, device: str, window: int | None,
-                               batch_size: int = 16) -> float:
-    """Share of held-out problems whose whole completion the model predicts token by token: a lower bound of
-    greedy accuracy (a wrong dead-end digit fails it, not the answer), from one forward pass. With ``window``,
-    each query sees only the prompt, the critical tokens and its last ``window`` tokens: the cache of an ideal
-    scorer, so this measures whether the model copes with evictions."""
+def teacher_forced_accuracy(model: Any, config: TaskConfig, count: int, device: str, window: int | None,
+                            latest_copies_only: bool = False, batch_size: int = 16) -> float:
+    """Share of held-out problems the model predicts token by token, from one forward pass each.
+
+    window None: the whole completion, full context (a lower bound of greedy accuracy: a wrong dead-end digit
+    fails it, not the answer). With ``window``, each query sees only the prompt, copies of saved values and its
+    last ``window`` tokens: the cache of an ideal scorer, so this measures whether the model copes with
+    evictions. ``latest_copies_only`` keeps only the last copy of each save (restatements and re-reads instead
+    of the originals) and scores only the answer, which then has no other source: whether any correct copy
+    is usable.
+    """
     problems = generate_problems(count, HELDOUT_SEED, config)
     correct = 0
     for first in range(0, count, batch_size):
-        chunk = problems[first : first + batch_size]
-        sequences = []
-        for problem in chunk:
-            prompt = [BOS] + encode_words(problem.prompt)
-            critical = [len(prompt) + position for position in problem.critical_positions]
-            sequences.append((prompt + encode_words(problem.completion) + [EOS], len(prompt), critical))
-        length = max(len(ids) for ids, _, _ in sequences)
-        input_ids = torch.full((len(chunk), length), PAD, dtype=torch.long)
-        visible = torch.zeros((len(chunk), length), dtype=torch.bool)
-        for row, (ids, prompt_len, critical) in enumerate(sequences):
-            input_ids[row, : len(ids)] = torch.tensor(ids)
-            visible[row, :prompt_len] = True
-            visible[row, critical] = True
+        sequences = [TrainingSequence.from_problem(problem) for problem in problems[first : first + batch_size]]
+        length = max(len(sequence.ids) for sequence in sequences)
+        input_ids = torch.full((len(sequences), length), PAD, dtype=torch.long)
+        visible = torch.zeros((len(sequences), length), dtype=torch.bool)
+        for row, sequence in enumerate(sequences):
+            input_ids[row, : len(sequence.ids)] = torch.tensor(sequence.ids)
+            visible[row, : sequence.prompt_length] = True
+            for positions in sequence.copies.values():
+                visible[row, positions[-1:] if latest_copies_only else positions] = True
         batch = {"input_ids": input_ids}
         if window is not None:
-            batch.update(visible_key=visible, window=torch.full((len(chunk), 1, 1, 1), window))
+            batch.update(visible_key=visible, window=torch.full((len(sequences), 1, 1, 1), window))
         with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask_for(batch, device)).logits
         predicted = logits.argmax(-1).cpu()
-        for row, (ids, prompt_len, _) in enumerate(sequences):
-            correct += bool((predicted[row, prompt_len - 1 : len(ids) - 1] == input_ids[row, prompt_len : len(ids)]).all())
+        for row, sequence in enumerate(sequences):
+            first_scored = sequence.think_end if latest_copies_only else sequence.prompt_length
+            end = len(sequence.ids)
+            correct += bool((predicted[row, first_scored - 1 : end - 1] == input_ids[row, first_scored:end]).all())
     return correct / count
 
 
 PROXY_WINDOW = 64
 
 
-def proxy_report(model: Any, config: TaskConfig, count: int, device: str) -> str:
-    full = teacher_forced_exact_match(model, config, count, device, window=None)
-    ideal = teacher_forced_exact_match(model, config, count, device, window=PROXY_WINDOW)
-    return (f"teacher-forced exact match on {count} problems {asdict(config)}: full context {full:.4f}, "
-            f"ideal cache (prompt + critical + last {PROXY_WINDOW}) {ideal:.4f}")
+def proxy_report(model: Any, config: TaskConfig, count: int, device: str) -> dict[str, float]:
+    """The teacher-forced checks of ``config``: full context, an ideal cache, and the latest copies only."""
+    return {
+        "full_context": teacher_forced_accuracy(model, config, count, device, window=None),
+        "ideal_cache": teacher_forced_accuracy(model, config, count, device, window=PROXY_WINDOW),
+        "latest_copies_answer": teacher_forced_accuracy(model, config, count, device, window=PROXY_WINDOW,
+                                                        latest_copies_only=True),
+    }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True, help="directory for the checkpoint, tokenizer and log")
+def format_proxy(config: TaskConfig, count: int, proxy: dict[str, float]) -> str:
+    return (f"teacher-forced on {count} problems ({describe(config)}): full context {proxy['full_context']:.4f}, "
+            f"ideal cache (prompt + copies + last {PROXY_WINDOW}) {proxy['ideal_cache']:.4f}, "
+            f"answer from the latest copy of each save {proxy['latest_copies_answer']:.4f}")
+
+
+def write_predictor_problems(path: Path, count: int, seed: int, families: tuple[str, ...]) -> None:
+    """``count`` problems for ``dynts label --data`` (fields ``problem`` and ``answer``), cycling through the
+    default config of every family and re-read period."""
+    if seed == EVAL_SEED:
+        raise ValueError(f"predictor problems must not use the evaluation seed {EVAL_SEED}")
+    variants = family_variants(families)
+    rng = random.Random(f"predictor-{seed}")
+    with open(path, "w") as handle:
+        for index in range(count):
+            config = variants[index % len(variants)]
+            problem = generate_problem(rng, config)
+            record = {"problem": problem.prompt, "answer": problem.answer, "family": config.family,
+                      "reuse_every": config.reuse_every}
+            handle.write(json.dumps(record) + "\n")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for the checkpoint, tokenizer, log, summary and predictor problems")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", default="auto", help="optimizer steps, or 'auto': measure speed, fit --time-budget")
-    parser.add_argument("--time-budget", type=float, default=320.0, help="seconds of training for --steps auto")
+    parser.add_argument("--time-budget", type=float, default=240.0, help="seconds of training for --steps auto")
     parser.add_argument("--batch-tokens", type=int, default=65536, help="tokens per batch (padding included)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--retrieval-weight", type=float, default=4.0,
-                        help="loss weight of the answer tokens and of restated saves (the long-range retrievals)")
+                        help="loss weight of the answer tokens and of copies of saved values (the long-range retrievals)")
+    parser.add_argument("--families", type=parse_families, default=FAMILIES,
+                        help=f"task families of the training mixture, drawn uniformly per problem (default: {','.join(FAMILIES)})")
     parser.add_argument("--augment", type=float, default=0.0,
                         help="fraction of batches trained under eviction-like key masking (see Augmentation)")
     parser.add_argument("--augment-start", type=float, default=0.0,
                         help="fraction of the steps trained unmasked before --augment starts")
+    parser.add_argument("--hide-copies", type=float, default=Augmentation.hide_copy_probability[1],
+                        help="masked rows hide each copy of a saved value with a probability drawn from [0, this]")
     parser.add_argument("--max-train-seconds", type=float, default=None,
                         help="stop training early (logged) if it runs this long; default: 1.25 x --time-budget with "
                              "--steps auto, else no limit")
@@ -344,31 +456,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=ModelShape.hidden_size)
     parser.add_argument("--layers", type=int, default=ModelShape.layers)
     parser.add_argument("--intermediate-size", type=int, default=ModelShape.intermediate_size)
-    parser.add_argument("--eval-problems", type=int, default=512, help="held-out problems of the default config")
+    parser.add_argument("--eval-problems", type=int, default=256,
+                        help="held-out problems per family (and re-read period) for full-cache accuracy")
     parser.add_argument("--eval-steps", type=parse_buckets, default=None,
-                        help="step range of the main held-out set, e.g. 44-56 (default: the task's default)")
-    parser.add_argument("--eval-saves", type=int, default=None, help="saves of the main held-out set")
+                        help="step range of the held-out sets, e.g. 44-56 (default: each family's default)")
+    parser.add_argument("--eval-saves", type=int, default=None, help="saves of the held-out sets")
     parser.add_argument("--eval-batch", type=int, default=256)
     parser.add_argument("--proxy-problems", type=int, default=128,
-                        help="held-out problems of the teacher-forced checks (full context, and an ideal cache)")
+                        help="held-out problems of the teacher-forced checks (full context, ideal cache, latest copies)")
     parser.add_argument("--proxy-every", type=int, default=0, help="run the teacher-forced checks every N steps (0: at the end)")
-    parser.add_argument("--eval-budget", type=float, default=150.0, help="seconds for the held-out evaluations")
+    parser.add_argument("--eval-budget", type=float, default=150.0,
+                        help="seconds for the optional --sweep evaluations (the per-family ones always run)")
     parser.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                        help="also evaluate other lengths / saves / noise levels while --eval-budget allows")
+                        help="also evaluate other lengths / saves / noise levels (dormant) while --eval-budget allows")
+    parser.add_argument("--predictor-problems", type=int, default=200,
+                        help="problems written to OUT/predictor_problems.jsonl for `dynts label --data`")
+    parser.add_argument("--predictor-seed", type=int, default=7, help="seed of the predictor problems (not the evaluation seed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    if not 0.0 <= args.augment <= 1.0:
-        parser.error(f"--augment must be in [0, 1], got {args.augment}")
-    if not 0.0 <= args.augment_start < 1.0:
-        parser.error(f"--augment-start must be in [0, 1), got {args.augment_start}")
-    if args.retrieval_weight <= 0:
-        parser.error(f"--retrieval-weight must be > 0, got {args.retrieval_weight}")
-    if args.steps != "auto" and (not args.steps.isdigit() or int(args.steps) < 1):
-        parser.error(f"--steps must be a positive int or 'auto', got {args.steps!r}")
-    for name, low in (("batch_tokens", 1), ("workers", 0), ("eval_problems", 0), ("eval_batch", 1), ("proxy_problems", 1), ("proxy_every", 0)):
-        if getattr(args, name) < low:
-            parser.error(f"--{name.replace('_', '-')} must be >= {low}")
 
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse out-of-range arguments with a message naming the flag and its range."""
+    if not 0.0 <= args.augment <= 1.0:
+        raise SystemExit(f"--augment must be in [0, 1], got {args.augment}")
+    if not 0.0 <= args.augment_start < 1.0:
+        raise SystemExit(f"--augment-start must be in [0, 1), got {args.augment_start}")
+    if not 0.0 <= args.hide_copies <= 1.0:
+        raise SystemExit(f"--hide-copies must be in [0, 1], got {args.hide_copies}")
+    if args.retrieval_weight <= 0:
+        raise SystemExit(f"--retrieval-weight must be > 0, got {args.retrieval_weight}")
+    if args.steps != "auto" and (not args.steps.isdigit() or int(args.steps) < 1):
+        raise SystemExit(f"--steps must be a positive int or 'auto', got {args.steps!r}")
+    if args.predictor_seed == EVAL_SEED:
+        raise SystemExit(f"--predictor-seed must not be the evaluation seed {EVAL_SEED}")
+    for name, low in (("batch_tokens", 1), ("workers", 0), ("eval_problems", 0), ("eval_batch", 1),
+                      ("proxy_problems", 1), ("proxy_every", 0), ("predictor_problems", 0)):
+        if getattr(args, name) < low:
+            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    check_arguments(args)
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "train_log.txt", "w")
 
@@ -377,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         log_file.write(message + "\n")
         log_file.flush()
 
-    log(f"command: python -m dynts.training.reasoner {' '.join(sys.argv[1:] if argv is None else argv)}")
+    arguments = {name: (str(value) if isinstance(value, Path) else value) for name, value in vars(args).items()}
+    log(f"arguments: {json.dumps(arguments)}")
     device = args.device
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -385,6 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
         log(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
     shape = ModelShape(hidden_size=args.hidden_size, layers=args.layers, intermediate_size=args.intermediate_size)
+    augmentation_settings = dict(fraction=args.augment, hide_copy_probability=(0.0, args.hide_copies))
 
     def fresh(augment_start_batch: int) -> tuple[Any, torch.optim.Optimizer, Iterator[dict[str, torch.Tensor]]]:
         if args.init_from is not None:
@@ -396,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer = make_optimizer(model, args.lr, args.weight_decay, device)
         loader = torch.utils.data.DataLoader(
             ProblemBatches(args.seed, args.batch_tokens, args.buckets, args.retrieval_weight,
-                           Augmentation(args.augment, start_batch=augment_start_batch)),
+                           Augmentation(**augmentation_settings, start_batch=augment_start_batch), args.families),
             batch_size=None,
             num_workers=args.workers,
             pin_memory=device == "cuda",
@@ -412,8 +542,10 @@ def main(argv: list[str] | None = None) -> int:
         text_config = model.config
         shape = ModelShape(text_config.hidden_size, text_config.num_hidden_layers, text_config.num_attention_heads,
                            text_config.num_key_value_heads, text_config.intermediate_size, text_config.max_position_embeddings)
+        if text_config.vocab_size != len(VOCAB):
+            raise SystemExit(f"--init-from {args.init_from}: vocabulary of {text_config.vocab_size} tokens, the task has {len(VOCAB)}")
         log(f"init from {args.init_from}")
-    log(f"model: llama {asdict(shape)} parameters {parameters:,} vocab {len(VOCAB)}")
+    log(f"model: llama {asdict(shape)} parameters {parameters:,} vocab {len(VOCAB)}; families {','.join(args.families)}")
 
     if args.steps == "auto":
         # Time a few steps of every bucket (after a warm-up), then train from scratch with a fixed step count.
@@ -436,12 +568,11 @@ def main(argv: list[str] | None = None) -> int:
     warmup = max(1, int(args.warmup * total_steps))
     log(f"train: steps {total_steps} warmup {warmup} peak lr {args.lr} batch tokens {args.batch_tokens} seed {args.seed}")
 
-    main_config = TaskConfig()
-    if args.eval_steps or args.eval_saves:
-        main_config = TaskConfig(
-            steps=args.eval_steps[0] if args.eval_steps else main_config.steps,
-            saves=args.eval_saves or main_config.saves,
-        )
+    eval_configs = [
+        TaskConfig(family=variant.family, reuse_every=variant.reuse_every,
+                   steps=args.eval_steps[0] if args.eval_steps else None, saves=args.eval_saves or variant.saves)
+        for variant in family_variants(args.families)
+    ]
     model.train()
     start = time.perf_counter()
     time_limit = args.max_train_seconds or (1.25 * args.time_budget if args.steps == "auto" else math.inf)
@@ -464,7 +595,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"tokens {seen_tokens / 1e6:.1f}M {seen_tokens / elapsed / 1e3:.0f}k tok/s elapsed {elapsed:.0f}s")
         if args.proxy_every and (step + 1) % args.proxy_every == 0 and step + 1 < total_steps:
             model.eval()
-            log(f"step {step + 1:6d} {proxy_report(model, main_config, args.proxy_problems, device)}")
+            for config in eval_configs:
+                log(f"step {step + 1:6d} {format_proxy(config, args.proxy_problems, proxy_report(model, config, args.proxy_problems, device))}")
             model.train()
     train_seconds = time.perf_counter() - start
     del batches
@@ -481,55 +613,67 @@ def main(argv: list[str] | None = None) -> int:
     if size > MAX_CHECKPOINT_BYTES:
         log(f"ERROR: checkpoint is {size} bytes, over the {MAX_CHECKPOINT_BYTES}-byte limit")
         return 1
+    if args.predictor_problems:
+        write_predictor_problems(args.out / "predictor_problems.jsonl", args.predictor_problems, args.predictor_seed, args.families)
+        log(f"wrote {args.predictor_problems} predictor problems (seed {args.predictor_seed}) to {args.out / 'predictor_problems.jsonl'}")
 
     # Held-out accuracy of the saved files, loaded back in fp32 as users load them.
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(args.out, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.out)
-    proxy = proxy_report(model, main_config, args.proxy_problems, device)
-    log(f"held-out {proxy}")
+    proxies = {}
+    for config in eval_configs:
+        proxies[describe(config)] = proxy_report(model, config, args.proxy_problems, device)
+        log(f"held-out {format_proxy(config, args.proxy_problems, proxies[describe(config)])}")
     results = []
-    eval_start = time.perf_counter()
-    configs = [main_config] if args.eval_problems else []
-    if args.sweep and args.eval_problems:
-        configs += [
-            TaskConfig(steps=(12, 20), saves=4, noise=1),
-            TaskConfig(steps=(90, 110), saves=8, noise=5),
-            TaskConfig(steps=(140, MAX_STEPS), saves=8, noise=3),
-        ]
-    for index, config in enumerate(configs):
-        count = args.eval_problems if index == 0 else args.eval_problems // 2
-        spent = time.perf_counter() - eval_start
-        if index and results:
-            # Time per generated token so far predicts this config's time; skip what does not fit the budget.
-            per_token = results[0]["seconds"] / max(1, results[0]["new_tokens"])
+    if args.eval_problems:
+        for config in eval_configs:
+            result = full_cache_accuracy(model, tokenizer, config, args.eval_problems, args.eval_batch, device)
+            results.append(result)
+            log(f"held-out full-cache accuracy {result['accuracy']:.4f} (per save {result['per_save_accuracy']:.4f}) on "
+                f"{args.eval_problems} problems ({describe(config)}), mean trace {result['mean_trace_tokens']:.0f} tokens "
+                f"({result['seconds']} s)")
+    if args.sweep and results:
+        sweep_start = time.perf_counter()
+        # Time per generated token so far predicts a config's time; skip what does not fit the budget.
+        per_token = sum(r["seconds"] for r in results) / max(1, sum(r["new_tokens"] for r in results))
+        count = max(1, args.eval_problems // 2)
+        for config in (TaskConfig(steps=(12, 20), saves=4, noise=1), TaskConfig(steps=(90, 110), saves=8, noise=5),
+                       TaskConfig(steps=(140, MAX_STEPS), saves=8, noise=3)):
             expected = per_token * count * statistics.mean(p.trace_length for p in generate_problems(8, 1, config))
-            if spent + expected > args.eval_budget:
-                log(f"eval skipped (eval budget): {asdict(config)}")
+            if time.perf_counter() - sweep_start + expected > args.eval_budget:
+                log(f"eval skipped (eval budget): {describe(config)}")
                 continue
-        result = full_cache_accuracy(model, tokenizer, config, count, args.eval_batch, device)
-        results.append(result)
-        log(f"held-out full-cache accuracy {result['accuracy']:.4f} on {count} problems {result['config']} "
-            f"mean trace {result['mean_trace_tokens']:.0f} tokens ({result['seconds']} s)")
+            result = full_cache_accuracy(model, tokenizer, config, count, args.eval_batch, device)
+            results.append(result)
+            log(f"held-out full-cache accuracy {result['accuracy']:.4f} (per save {result['per_save_accuracy']:.4f}) on "
+                f"{count} problems ({describe(config)}), mean trace {result['mean_trace_tokens']:.0f} tokens ({result['seconds']} s)")
     summary = {
         "seed": args.seed,
         "steps": total_steps,
         "augment": args.augment,
+        "families": list(args.families),
         "train_seconds": round(train_seconds, 1),
         "train_tokens": seen_tokens,
         "parameters": parameters,
         "shape": asdict(shape),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "args": arguments,
         "heldout_seed": HELDOUT_SEED,
         "heldout": results,
-        "heldout_teacher_forced": proxy,
+        "heldout_teacher_forced": proxies,
     }
     (args.out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     log(f"summary: {json.dumps(summary)}")
     log(f"rebuild exactly: same command with --steps {total_steps}")
     log_file.close()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dynts.training.reasoner", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

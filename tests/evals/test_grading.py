@@ -86,6 +86,36 @@ def test_synthetic_grader_needs_every_save_in_order() -> None:
     assert grader.extract("</think>") is None
 
 
+def test_synthetic_partial_credit_is_the_share_of_saves_answered_right() -> None:
+    grader = get_grader("synthetic")
+    reference = grader.parse_reference("6 1 4 0")
+
+    def credit(completion: str) -> float:
+        return grader.partial_credit(grader.extract(completion), reference)
+
+    assert credit("</think> s1 6 s2 1 s3 4 s4 0") == 1.0
+    assert credit("</think> s1 6 s2 2 s3 4 s4 9") == 0.5  # saves 1 and 3 right
+    assert credit("</think> s1 5 s2 1 s3 3 s4 1") == 0.25
+    assert credit("</think> s1 6 s2 1") == 0.5  # saves 3 and 4 missing count as wrong
+    assert credit("</think> s1 6 s2 1 s3 4 s4 0 s5 7") == 0.8  # an extra save is a wrong one: credit 1 only when correct
+    assert credit("</think> s2 1 s1 6") == 0.0  # malformed (not s1 first): no answer
+    assert credit("no answer at all") == 0.0
+    # The reasoning before </think> is not graded, only the answer after it.
+    assert credit("s1 6 s2 1 s3 4 s4 0 </think> s1 0 s2 1 s3 0 s4 0") == 0.5
+    # Credit 1 exactly when the exact-match grade is correct.
+    for completion in ("</think> s1 6 s2 1 s3 4 s4 0", "</think> s1 6 s2 1 s3 4", "</think> s1 6 s2 1 s3 4 s4 0 s5 0"):
+        extracted = grader.extract(completion)
+        assert (grader.partial_credit(extracted, reference) == 1.0) == grader.is_correct(extracted, reference)
+
+
+def test_other_graders_give_all_or_nothing_credit() -> None:
+    parsed = math_grader.parse_reference("12")
+    assert math_grader.partial_credit(math_grader.extract(r"\boxed{12}"), parsed) == 1.0
+    assert math_grader.partial_credit(math_grader.extract(r"\boxed{13}"), parsed) == 0.0
+    choice = get_grader("choice")
+    assert choice.partial_credit("C", "C") == 1.0 and choice.partial_credit(None, "C") == 0.0
+
+
 def test_majority_votes_over_equivalent_answers_not_correctness() -> None:
     answers = [math_grader.extract(text) for text in (r"\boxed{0.5}", r"\boxed{\frac{1}{2}}", r"\boxed{3}", "none", r"\boxed{3}", r"\boxed{1/2}")]
     winner = majority_answer(math_grader, answers)

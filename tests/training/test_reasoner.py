@@ -7,19 +7,22 @@ import random
 
 import pytest
 import torch
-from dynts.evals.synthetic_task import VOCAB
+from dynts.evals.synthetic_task import EVAL_SEED, FAMILIES, THINK_END, VOCAB, TaskConfig, find_value_copies, generate_problem
 from dynts.training.reasoner import (
     PAD,
     Augmentation,
     ModelShape,
     ProblemBatches,
+    TrainingSequence,
     attention_mask_for,
     batch_loss,
     build_model,
+    draw_config,
     learning_rate,
     main,
     make_optimizer,
     parse_buckets,
+    parse_families,
     train_step,
 )
 
@@ -41,7 +44,7 @@ def test_batches_weigh_trace_answer_and_retrievals() -> None:
 
 
 def test_masked_batches_hide_only_redundant_far_keys() -> None:
-    augmentation = Augmentation(fraction=1.0, window=(48, 48), keep_probability=(0.0, 0.0))
+    augmentation = Augmentation(fraction=1.0, window=(48, 48), keep_probability=(0.0, 0.0), hide_copy_probability=(0.0, 0.0))
     batch = ProblemBatches(0, 4096, ((20, 24),), augmentation=augmentation).make_batch(random.Random(1), (20, 24))
     mask = attention_mask_for(batch, "cpu")[0, 0]
     length = mask.shape[0]
@@ -55,6 +58,64 @@ def test_masked_batches_hide_only_redundant_far_keys() -> None:
     far_visible = [words[k - 1] for k in range(prompt_len, length) if visible[k]]
     assert far_visible and all(word.startswith("s") for word in far_visible), "only save values stay beyond the window"
     assert attention_mask_for({"input_ids": batch["input_ids"]}, "cpu") is None
+
+
+def _reads_and_copies(words: list[str]) -> tuple[list[tuple[int, int]], dict[int, list[int]]]:
+    """Reads (index, save) and copies of one row, found from its words (restatement ``+ sK v``, re-read
+    ``read sK v`` and answer ``sK v`` digits), independently of the training code's annotation."""
+    think_end = words.index(THINK_END)
+    prompt_len = words.index("<think>") + 1
+    trace = words[prompt_len:]
+    copies = {save: [prompt_len + p for p in positions] for save, positions in find_value_copies(trace).items()}
+    reads = [(k, int(words[k - 1][1:])) for k in range(prompt_len, len(words))
+             if words[k].isdigit() and words[k - 1] in {f"s{i}" for i in range(1, 9)}
+             and (k > think_end or words[k - 2] in ("+", "read"))]
+    return reads, copies
+
+
+def test_masks_hide_copies_and_reads_without_a_visible_copy_get_no_loss() -> None:
+    augmentation = Augmentation(fraction=1.0, window=(40, 40), keep_probability=(0.0, 0.0), hide_copy_probability=(0.6, 0.6))
+    batches = ProblemBatches(3, 8192, ((30, 40),), retrieval_weight=4.0, augmentation=augmentation, families=("reuse",))
+    batch = batches.make_batch(random.Random(2), (30, 40))
+    mask = attention_mask_for(batch, "cpu")[:, 0]
+    hidden_originals = readable = unreadable = 0
+    for row in range(batch["input_ids"].shape[0]):
+        words = [VOCAB[int(token)] for token in batch["input_ids"][row] if token != PAD]
+        reads, copies = _reads_and_copies(words)
+        for positions in copies.values():
+            hidden_originals += not bool(batch["visible_key"][row, positions[0]])
+        for position, save in reads:
+            # What the attention mask really lets the query predicting `position` see.
+            sees_a_copy = any(bool(mask[row, position - 1, copy]) for copy in copies[save] if copy < position)
+            weight = float(batch["weights"][row, position - 1])
+            assert weight == (4.0 if sees_a_copy else 0.0), (row, position, save)
+            readable += sees_a_copy
+            unreadable += not sees_a_copy
+    assert hidden_originals > 0, "original copies are hidden too"
+    assert readable > 0 and unreadable > 0
+
+
+def test_the_mixture_draws_every_family_and_period() -> None:
+    rng = random.Random(0)
+    configs = [draw_config(rng, (10, 20), FAMILIES) for _ in range(300)]
+    assert {c.family for c in configs} == set(FAMILIES)
+    assert {c.reuse_every for c in configs if c.family == "reuse"} == {2, 5, 10}
+    assert all(1 <= c.saves <= min(8, c.step_range[0]) for c in configs)
+    assert {draw_config(rng, (10, 20), ("branches",)).family for _ in range(20)} == {"branches"}
+    assert parse_families("reuse,dormant") == ("reuse", "dormant")
+    for bad in ("reuse,reuse", "loops"):
+        with pytest.raises(Exception, match="distinct names"):
+            parse_families(bad)
+
+
+def test_training_sequence_carries_the_annotation_into_sequence_indices() -> None:
+    problem = generate_problem(random.Random(5), TaskConfig(family="reuse", reuse_every=5))
+    sequence = TrainingSequence.from_problem(problem)
+    words = [VOCAB[token] for token in sequence.ids]
+    assert words[0] == "<bos>" and words[-1] == "<eos>" and words[sequence.think_end] == THINK_END
+    for save, positions in sequence.copies.items():
+        assert all(words[p - 1] == f"s{save}" and words[p] == problem.answer.split()[save - 1] for p in positions)
+    assert sorted(sequence.reads) == sorted(_reads_and_copies(words)[0])
 
 
 def test_masking_starts_after_the_warm_start_batches() -> None:
@@ -88,23 +149,37 @@ def test_a_toy_model_learns() -> None:
     assert after < 0.5 * before, (before, after)
 
 
-def test_training_command_writes_checkpoint_tokenizer_and_log(tmp_path) -> None:
+def test_training_command_writes_checkpoint_tokenizer_log_and_predictor_problems(tmp_path) -> None:
     out = tmp_path / "reasoner"
     code = main([
         "--out", str(out), "--steps", "3", "--hidden-size", "32", "--layers", "1", "--intermediate-size", "64",
         "--buckets", "3-4", "--batch-tokens", "512", "--workers", "0", "--eval-steps", "3-3", "--eval-saves", "1",
-        "--eval-problems", "2", "--eval-batch", "2", "--no-sweep", "--device", "cpu",
+        "--eval-problems", "2", "--eval-batch", "2", "--proxy-problems", "2", "--no-sweep", "--device", "cpu",
+        "--augment", "0.5", "--predictor-problems", "10",
     ])
     assert code == 0
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "train_log.txt"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "train_summary.json").read_text())
-    assert summary["steps"] == 3 and summary["seed"] == 0 and len(summary["heldout"]) == 1
+    assert summary["steps"] == 3 and summary["seed"] == 0
+    # One held-out set per family and re-read period, each with exact and per-save accuracy.
+    heldout = [(r["config"]["family"], r["config"]["reuse_every"]) for r in summary["heldout"]]
+    assert heldout == [("dormant", None), ("reuse", 2), ("reuse", 5), ("reuse", 10), ("branches", None)]
+    assert all(0.0 <= r["accuracy"] <= r["per_save_accuracy"] <= 1.0 for r in summary["heldout"])
+    assert len(summary["heldout_teacher_forced"]) == 5
     assert "rebuild exactly" in (out / "train_log.txt").read_text()
+    records = [json.loads(line) for line in (out / "predictor_problems.jsonl").read_text().splitlines()]
+    assert len(records) == 10 and {r["family"] for r in records} == set(FAMILIES)
+    assert all(r["problem"].endswith("<think>") and r["answer"] for r in records)
 
 
-def test_bad_arguments_are_refused(tmp_path) -> None:
+@pytest.mark.parametrize("arguments", [
+    ["--steps", "zero"],
+    ["--augment", "1.5"],
+    ["--hide-copies", "-0.1"],
+    ["--families", "dormant,loops"],
+    ["--predictor-seed", str(EVAL_SEED)],
+])
+def test_bad_arguments_are_refused(tmp_path, arguments: list[str]) -> None:
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--steps", "zero"])
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), "--augment", "1.5"])
+        main(["--out", str(tmp_path), *arguments])
