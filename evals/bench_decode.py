@@ -1,21 +1,44 @@
-"""GPU decode benchmark: plain HF (sdpa + DynamicCache) vs dynts (predictor scorer, StaticDecoder) at real shapes.
+"""GPU decode benchmark: plain HF, the fast path with a full cache, and dynts, side by side at real shapes.
 
     python -m dynts.evals.bench_decode --models llama-8b qwen-7b --out results/
 
-Random bf16 weights of the real architectures (speed does not depend on weight values), batch 20. dynts decodes
-for real through all eviction cycles (budget 5000, window 2000, keep ratio 0.3 by default) with generation forced
-to a fixed length; its per-step wall time, resident KV and allocator figures are recorded. Plain HF is measured at
-each point on a DynamicCache filled to that many tokens (decoding it for 16k steps would take ~25 minutes; its
-step time depends only on the cache length). Per point it prints ms/step, tokens/s, KV bytes, GFLOPs per step,
-the bandwidth roofline of that step, and the dynts / plain ratios; JSON and a plot go to ``--out``.
+Three paths per model in one process; random bf16 weights of the real architectures (speed does not depend on
+weight values), batch 20, generation forced to a fixed length (the models have no EOS token):
+
+* **plain HF**: sdpa + DynamicCache, measured at each point on a cache filled to that many tokens (its step time
+  depends only on the cache length; decoding 15k steps would take ~20 minutes).
+* **full cache**: the fast path (``StaticDecoder``: the same CUDA graph, Triton decode-attention kernel and
+  predictor scorer as dynts) over a ``DynTSCache`` whose budget is above the last point, so it never evicts and
+  its storage is as large as a real full-cache run's. Also measured at each point, on a cache prefilled with that
+  many prompt tokens: its step time depends only on the tokens held, and decoding 15k steps for real would cost
+  ~210 s per model, more than the whole run can spend (~8 minutes of GPU time for both shapes).
+* **dynts**: the fast path with eviction (budget 5000, window 2000, keep ratio 0.3 by default, predictor scorer),
+  decoding for real through every eviction cycle up to the last point (~15k steps, ~170 s per model on an H200).
+
+Nothing timed pays a compilation: a warm-up run whose prompt nearly fills the budget triggers one compaction at
+the benchmark's own shapes (the compaction kernel compiles there, and the decode-attention kernel at its graph
+capture), and each full-cache point discards its first steps (graph capture).
+
+Per point: ms/step of the three paths; dynts vs plain HF (the paper's ratio) and full cache / dynts (what eviction
+alone buys); each path's bandwidth roofline ((weights + resident KV bytes) / measured copy bandwidth) and step /
+roofline; peak allocator bytes while decoding (cache storage plus what the steps allocate on top; weights and
+prefill leftovers excluded); GFLOPs per step. Per model: the scoring + eviction share of decode time and the
+compaction-step spikes (a compaction step's time / the median of its 20 neighbours). JSON, a plot of the three
+paths and a markdown table (the README's) go to ``--out``; ``--replot JSON`` redraws the plot and table from a
+saved JSON (the GPU machine may lack matplotlib).
+
+GPU time on an H200, per model: dynts ~170 s, the full-cache points ~40 s (prefills of 2k-15k tokens x 20 rows,
+~95 GB at 15k for Llama-8B: an 80 GB card reports those points as out of memory), plain HF ~15 s, warm-up ~10 s.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +46,9 @@ import torch
 from ..config import CompressionConfig
 
 POINTS = (2000, 5000, 7000, 10000, 12000, 15000)
+PATHS = ("plain", "full", "dynts")
+PATH_LABELS = {"plain": "plain HF (sdpa + DynamicCache)", "full": "full cache, fast path", "dynts": "dynts"}
+SPIKE_NEIGHBOURS = 10  # steps on each side of a compaction step that its spike is measured against
 
 
 @dataclass(frozen=True)
@@ -35,6 +61,14 @@ class Shape:
     ffn: int
     vocab: int
 
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def kv_bytes_per_token(self, element_size: int = 2) -> int:
+        """K and V bytes of one token across all layers (one row)."""
+        return self.layers * 2 * self.kv_heads * self.head_dim * element_size
+
 
 SHAPES = {
     "llama-8b": Shape("llama", 4096, 32, 32, 8, 14336, 128256),  # R1-Distill-Llama-8B
@@ -43,18 +77,68 @@ SHAPES = {
 }
 
 
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run measures (``main`` builds it from the command line)."""
+
+    models: tuple[str, ...] = ("llama-8b", "qwen-7b")
+    batch_size: int = 20
+    prompt_len: int = 128
+    points: tuple[int, ...] = POINTS
+    budget: int = 5000
+    window: int = 2000
+    keep_ratio: float = 0.3
+    point_window: int = 100  # dynts steps averaged on each side of a point
+    full_steps: int = 40  # timed steps of the full-cache fast path at each point
+    plain_steps: int = 10  # timed steps of plain HF at each point
+    device: str = "cuda"
+
+    def __post_init__(self) -> None:
+        unknown = [name for name in self.models if name not in SHAPES]
+        if unknown:
+            raise ValueError(f"models must be among {sorted(SHAPES)}, got {unknown}")
+        for name in ("batch_size", "prompt_len", "point_window", "full_steps", "plain_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.points or min(self.points) <= self.prompt_len + self.point_window:
+            raise ValueError(f"points must be > prompt_len + point_window = {self.prompt_len + self.point_window} "
+                             f"(dynts is averaged over point_window steps on each side), got {list(self.points)}")
+        if self.budget <= self.prompt_len + 4:
+            raise ValueError(f"budget must be > prompt_len + 4 = {self.prompt_len + 4} (the protected prompt stays "
+                             f"below it; the warm-up prompt is budget - 4 tokens), got {self.budget}")
+        self.config  # noqa: B018  (building the CompressionConfig checks window and keep_ratio)
+
+    @property
+    def config(self) -> CompressionConfig:
+        return CompressionConfig(budget=self.budget, window=self.window, keep_ratio=self.keep_ratio)
+
+    @property
+    def dynts_steps(self) -> int:
+        """dynts decodes until the last point's averaging window is complete."""
+        return max(self.points) - self.prompt_len + self.point_window
+
+    @property
+    def full_capacity(self) -> int:
+        """Slots of the full-cache path's storage: what a real run up to the last point would allocate."""
+        return max(self.points) + self.full_steps + 8
+
+
 def _sync(device: torch.device | str) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
+def _on_gpu(device: torch.device | str) -> bool:
+    return torch.device(device).type == "cuda"
+
+
 def build_model(shape: Shape, device: str = "cuda") -> torch.nn.Module:
-    """Random bf16 weights, allocated directly on the device."""
+    """Random bf16 weights, allocated directly on the device; no EOS token (generation runs to its length)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     common = dict(hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
                   num_key_value_heads=shape.kv_heads, intermediate_size=shape.ffn, vocab_size=shape.vocab,
-                  max_position_embeddings=32768, tie_word_embeddings=False)
+                  max_position_embeddings=32768, tie_word_embeddings=False, eos_token_id=None)
     if shape.architecture == "llama":
         config, cls = LlamaConfig(**common, rope_theta=500000.0), LlamaForCausalLM
     else:
@@ -74,11 +158,13 @@ def build_model(shape: Shape, device: str = "cuda") -> torch.nn.Module:
     # Buffers computed at construction (RoPE frequencies) were not materialised from meta: rebuild them.
     rotary = model.model.rotary_emb
     model.model.rotary_emb = type(rotary)(config).to(device)
+    model.generation_config.eos_token_id = None
     return model.eval()
 
 
-def copy_bandwidth(device: str, mib: int = 2048) -> float:
+def copy_bandwidth(device: str) -> float:
     """Device-to-device copy bandwidth in bytes/s, counting read + write (the roofline's unit)."""
+    mib = 2048 if _on_gpu(device) else 64
     source = torch.empty(mib << 20, dtype=torch.uint8, device=device)
     target = torch.empty_like(source)
     for _ in range(3):
@@ -92,31 +178,55 @@ def copy_bandwidth(device: str, mib: int = 2048) -> float:
 
 
 def step_costs(shape: Shape, batch: int, kv_tokens: float, weight_bytes: int, bandwidth: float) -> dict[str, float]:
-    """FLOPs and bandwidth roofline of one decode step at ``kv_tokens`` held tokens per row."""
-    head_dim = shape.hidden // shape.heads
-    linear_params = shape.layers * (shape.hidden * head_dim * (shape.heads * 2 + shape.kv_heads * 2) + 3 * shape.hidden * shape.ffn) + shape.hidden * shape.vocab
+    """FLOPs, KV bytes read and bandwidth roofline of one decode step at ``kv_tokens`` held tokens per row."""
+    head_dim = shape.head_dim
+    linear_params = shape.layers * (shape.hidden * head_dim * (shape.heads * 2 + shape.kv_heads * 2)
+                                    + 3 * shape.hidden * shape.ffn) + shape.hidden * shape.vocab
     attention_flops = 4 * shape.layers * shape.heads * head_dim * kv_tokens
-    kv_bytes = batch * kv_tokens * shape.layers * 2 * shape.kv_heads * head_dim * 2
+    kv_bytes = batch * kv_tokens * shape.kv_bytes_per_token()
     return {
         "gflops": batch * (2 * linear_params + attention_flops) / 1e9,
-        "kv_bytes_read": kv_bytes,
+        "kv_bytes": kv_bytes,
         "roofline_ms": 1000 * (weight_bytes + kv_bytes) / bandwidth,
     }
 
 
+class DecodeMemory:
+    """Peak allocator bytes of a decode path: its cache storage plus the most its steps allocate on top (graph pool,
+    activations, a DynamicCache's growth), measured from ``start`` (CUDA only). Weights and whatever a prefill
+    left allocated are not counted: the full-cache path is prefilled to each point, which a real run is not."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.enabled = _on_gpu(device)
+        self.at_start = 0
+
+    def start(self) -> None:
+        if self.enabled:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.at_start = torch.cuda.memory_allocated()
+
+    def peak(self, storage_bytes: int) -> int | None:
+        return storage_bytes + torch.cuda.max_memory_allocated() - self.at_start if self.enabled else None
+
+
+# ---------------------------------------------------------------------------------------------------- plain HF
 @torch.no_grad()
-def plain_step_ms(model: torch.nn.Module, shape: Shape, batch: int, kv_tokens: int, steps: int = 10) -> tuple[float, int]:
-    """HF decode (sdpa + DynamicCache) at ``kv_tokens`` cached tokens: ms per step and the cache's bytes."""
+def plain_point(model: torch.nn.Module, shape: Shape, batch: int, kv_tokens: int, steps: int) -> dict:
+    """HF decode (sdpa + DynamicCache) on a cache filled with ``kv_tokens`` random tokens: ms per step (mean of
+    ``steps`` after 3 untimed ones), peak allocator bytes (``DecodeMemory``)."""
     from transformers import DynamicCache
 
     device = model.device
-    head_dim = shape.hidden // shape.heads
+    memory = DecodeMemory(device)
     cache = DynamicCache(config=model.config)
     for layer in range(shape.layers):
-        keys = torch.randn(batch, shape.kv_heads, kv_tokens, head_dim, dtype=model.dtype, device=device)
+        keys = torch.randn(batch, shape.kv_heads, kv_tokens, shape.head_dim, dtype=model.dtype, device=device)
         cache.update(keys, keys.clone(), layer)
+    cache_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     ids = torch.randint(0, shape.vocab, (batch, 1), device=device)
     mask = torch.ones(batch, kv_tokens + 1, dtype=torch.long, device=device)
+    memory.start()
     times = []
     for step in range(steps + 3):
         position = torch.full((batch, 1), kv_tokens + step, device=device)
@@ -127,18 +237,88 @@ def plain_step_ms(model: torch.nn.Module, shape: Shape, batch: int, kv_tokens: i
         _sync(device)
         times.append(time.perf_counter() - start)
         mask = torch.cat([mask, mask[:, :1]], dim=1)
-    kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-    del cache
-    if device.type == "cuda":
+    peak = memory.peak(cache_bytes)  # the cache's growth over the steps is in what they allocated
+    del cache, logits
+    if _on_gpu(device):
         torch.cuda.empty_cache()
-    return 1000 * sum(times[3:]) / steps, kv_bytes
+    # Step s (from 0) reads the kv_tokens filled, the s fed before it and its own.
+    held = [kv_tokens + step + 1 for step in range(3, steps + 3)]
+    return {"ms": 1000 * sum(times[3:]) / steps, "held_tokens": sum(held) / steps, "peak_bytes": peak}
 
 
+# ---------------------------------------------------------------------------------------------------- fast path
 def predictor_scorer(model: torch.nn.Module):
     """The learned Importance Predictor's scorer with a randomly initialised head (speed only)."""
     from ..predictor import ImportancePredictor, PredictorScorer
 
     return PredictorScorer(ImportancePredictor.for_model(model))
+
+
+@torch.no_grad()
+def static_run(model: torch.nn.Module, shape: Shape, batch: int, prompt_len: int, new_tokens: int,
+               config: CompressionConfig) -> dict:
+    """``StaticDecoder`` over a fresh ``DynTSCache`` (predictor scorer) from a random prompt, ``new_tokens`` decode
+    steps. Returns each step's wall time, each row's physical length before each step (``held_before``, the tokens
+    the step's attention reads besides its own) and after the last one, the peak allocator bytes while decoding
+    (``DecodeMemory``), and the cache's scoring / eviction seconds."""
+    from ..integrations.hf import DynTSCache
+    from ..integrations.hf_static import StaticDecoder
+
+    device = model.device
+    memory = DecodeMemory(device)
+    cache = DynTSCache(model, config, scorer=predictor_scorer(model))
+    decoder = StaticDecoder(model, cache)
+    prompt = torch.randint(0, shape.vocab, (batch, prompt_len), device=device)
+    observed: list[list[int]] = []
+
+    def observe(logits: torch.Tensor) -> None:
+        # Called after the prefill, then after each step's device work and before its host bookkeeping: the
+        # physical lengths seen here are those before the step that just ran.
+        if not observed:
+            memory.start()
+        observed.append(cache.physical_len)
+
+    # The first call sees the prefill; max_new_tokens counts the token the prefill chooses.
+    decoder.generate(prompt, max_new_tokens=new_tokens + 1, logits_callback=observe)
+    stats = cache.stats
+    run = {
+        "step_seconds": list(decoder.step_seconds),
+        "held_before": observed[1:],
+        "held_after_last": cache.physical_len,
+        "peak_bytes": memory.peak(stats.allocated_kv_bytes),
+        "allocated_kv_bytes": stats.allocated_kv_bytes,
+        "scoring_seconds": stats.scoring_seconds,
+        "eviction_seconds": stats.eviction_seconds,
+    }
+    del decoder, cache
+    gc.collect()  # the cache's hooks on the model go with it
+    if _on_gpu(device):
+        torch.cuda.empty_cache()
+    return run
+
+
+def warm_up(model: torch.nn.Module, shape: Shape, batch: int, config: CompressionConfig) -> int:
+    """Compile every kernel of the dynts run at its own shapes, untimed: a prompt of ``budget - 4`` tokens (not
+    protected, so its tokens can be evicted) reaches the budget at the 4th step and is compacted with the real
+    keep count, capacity and batch. Returns how many of its steps compacted (0: nothing was warmed)."""
+    run = static_run(model, shape, batch, config.budget - 4, 12, replace(config, protect_prompt=False))
+    return len(compaction_steps(run["held_before"] + [run["held_after_last"]]))
+
+
+def full_cache_point(model: torch.nn.Module, shape: Shape, settings: Settings, point: int) -> dict:
+    """The fast path over a cache that never evicts, prefilled with ``point`` tokens: ms per step (mean of
+    ``full_steps`` after 3 discarded: the first captures the graph), mean held tokens, peak allocator bytes."""
+    discard = 3
+    config = CompressionConfig(budget=settings.full_capacity, window=0, keep_ratio=1.0)
+    try:
+        run = static_run(model, shape, settings.batch_size, point, settings.full_steps + discard, config)
+    except torch.OutOfMemoryError:  # the prefill of a long point on a smaller card: report it, keep going
+        gc.collect()
+        torch.cuda.empty_cache()
+        return {"ms": None, "held_tokens": point, "peak_bytes": None}
+    timed = run["step_seconds"][discard:]
+    held = [before[0] + 1 for before in run["held_before"][discard:]]
+    return {"ms": 1000 * sum(timed) / len(timed), "held_tokens": sum(held) / len(held), "peak_bytes": run["peak_bytes"]}
 
 
 @torch.no_grad()
@@ -159,164 +339,272 @@ def predictor_ms(model: torch.nn.Module, batch: int, repeats: int = 200) -> floa
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-@torch.no_grad()
-def dynts_run(model, shape: Shape, batch: int, steps: int, prompt_len: int, config: CompressionConfig) -> dict:
-    from ..integrations.hf import DynTSCache
-    from ..integrations.hf_static import StaticDecoder
+# ---------------------------------------------------------------------------------------------------- dynts run
+def compaction_steps(held: list[list[int]]) -> list[int]:
+    """Steps whose host bookkeeping compacted some row: ``held[s + 1]`` (lengths after step s) drops below
+    ``held[s]`` (lengths before it) for at least one row."""
+    return [step for step in range(len(held) - 1)
+            if any(after < before for before, after in zip(held[step], held[step + 1]))]
 
-    cache = DynTSCache(model, config, scorer=predictor_scorer(model), eos_token_id=[])
-    decoder = StaticDecoder(model, cache)
-    prompt = torch.randint(0, shape.vocab, (batch, prompt_len), device=model.device)
-    on_gpu = model.device.type == "cuda"
-    if on_gpu:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if on_gpu else 0
-    decoder.generate(prompt, max_new_tokens=steps + 1)
-    stats = cache.stats
+
+def compaction_spikes(step_seconds: list[float], steps: list[int]) -> list[dict]:
+    """Each compaction step's time over the median of its ``SPIKE_NEIGHBOURS`` neighbours on each side (other
+    compaction steps left out)."""
+    compacting = set(steps)
+    spikes = []
+    for step in steps:
+        around = range(max(0, step - SPIKE_NEIGHBOURS), min(len(step_seconds), step + SPIKE_NEIGHBOURS + 1))
+        neighbours = [step_seconds[i] for i in around if i not in compacting]
+        if neighbours:
+            median = statistics.median(neighbours)
+            spikes.append({"step": step, "ms": 1000 * step_seconds[step], "neighbour_median_ms": 1000 * median,
+                           "spike": step_seconds[step] / median})
+    return spikes
+
+
+def dynts_run(model: torch.nn.Module, shape: Shape, settings: Settings) -> dict:
+    """dynts for real through every eviction cycle: per-step times and held tokens, compactions and their spikes,
+    scoring + eviction share of decode time, peak allocator bytes."""
+    run = static_run(model, shape, settings.batch_size, settings.prompt_len, settings.dynts_steps, settings.config)
+    held = run["held_before"] + [run["held_after_last"]]
+    steps = compaction_steps(held)
+    rows_compacted = sum(after < before for step in steps for before, after in zip(held[step], held[step + 1]))
+    step_seconds = run["step_seconds"]
+    # Step 0 captures the CUDA graph: it is left out of the decode time the overhead is a share of.
+    total = sum(step_seconds[1:])
+    predictor = predictor_ms(model, settings.batch_size)
+    predictor_seconds = predictor * (len(step_seconds) - 1) / 1000
+    overhead = run["scoring_seconds"] + run["eviction_seconds"] + predictor_seconds
+    spikes = compaction_spikes(step_seconds, steps)
     return {
-        "step_seconds": decoder.step_seconds,
-        "physical_len": [row[0] for row in stats.physical_len_history[1:]],
-        "allocated_kv_bytes": stats.allocated_kv_bytes,
-        "bytes_per_token": cache.compressor.storage.bytes_per_token,
-        "peak_allocated_delta": (torch.cuda.max_memory_allocated() - base) if on_gpu else None,
-        "scoring_seconds": stats.scoring_seconds,
-        "eviction_seconds": stats.eviction_seconds,
-        "evictions": stats.evictions,
+        "step_ms": [1000 * s for s in step_seconds],
+        "held_row0": [before[0] for before in run["held_before"]],  # tokens held before each step (row 0)
+        "compaction_steps": steps,
+        "row_compactions": rows_compacted,
+        "eviction_points": [{"logical": settings.prompt_len + step + 1, "held": held[step + 1][0],
+                             "kv_ratio": held[step + 1][0] / (settings.prompt_len + step + 1)} for step in steps],
+        "spikes": spikes,
+        "max_spike": max((spike["spike"] for spike in spikes), default=None),
+        "peak_bytes": run["peak_bytes"],
+        "allocated_kv_bytes": run["allocated_kv_bytes"],
+        "scoring_seconds": run["scoring_seconds"],
+        "eviction_seconds": run["eviction_seconds"],
+        "predictor_ms_per_step": predictor,
+        "decode_seconds": total,
+        "scoring_and_eviction_share": overhead / total,
     }
 
 
-def report(name: str, shape: Shape, batch: int, prompt_len: int, plain: dict, dynts: dict, bandwidth: float,
-           weight_bytes: int, points: tuple[int, ...]) -> list[dict]:
+def dynts_at(run: dict, prompt_len: int, point: int, point_window: int) -> dict:
+    """dynts around ``point`` (logical length): mean step time and mean tokens read over +-``point_window`` steps."""
+    index = point - prompt_len
+    window = slice(max(0, index - point_window), min(len(run["step_ms"]), index + point_window))
+    step_ms = run["step_ms"][window]
+    held = [tokens + 1 for tokens in run["held_row0"][window]]
+    return {"ms": sum(step_ms) / len(step_ms), "held_tokens": sum(held) / len(held), "peak_bytes": run["peak_bytes"]}
+
+
+# ---------------------------------------------------------------------------------------------------- one model
+def measure_model(name: str, settings: Settings, bandwidth: float) -> tuple[list[dict], dict]:
+    """All three paths for one model: per-point rows and the per-model dynts record."""
+    shape = SHAPES[name]
+    model = build_model(shape, settings.device)
+    weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n)
+    warmed = warm_up(model, shape, settings.batch_size, settings.config)
+    print(f"{name}: warm-up ran {warmed} compaction step(s)", flush=True)
+    if warmed == 0:
+        raise RuntimeError("the warm-up run compacted nothing: the compaction kernel would compile in the timed run")
+    measured: dict[str, dict[int, dict]] = {"plain": {}, "full": {}}
+    for point in settings.points:
+        measured["plain"][point] = plain_point(model, shape, settings.batch_size, point, settings.plain_steps)
+        measured["full"][point] = full_cache_point(model, shape, settings, point)
+        full_ms = measured["full"][point]["ms"]
+        print(f"{name} at {point}: plain HF {measured['plain'][point]['ms']:.2f} ms/step, full-cache fast path "
+              f"{'out of memory' if full_ms is None else f'{full_ms:.2f} ms/step'}", flush=True)
+    run = dynts_run(model, shape, settings)
+    print(f"{name} dynts: {len(run['step_ms'])} steps in {run['decode_seconds']:.1f} s, {run['row_compactions']} row "
+          f"compactions; scoring {run['scoring_seconds']:.2f} s + eviction {run['eviction_seconds']:.2f} s + predictor "
+          f"{run['predictor_ms_per_step']:.3f} ms/step = {100 * run['scoring_and_eviction_share']:.2f}% of decode "
+          f"time; largest compaction-step spike {run['max_spike'] or 0:.2f}x its neighbours", flush=True)
+    for point in run["eviction_points"]:
+        print(f"{name} eviction at logical {point['logical']}: holds {point['held']} tokens per row "
+              f"= {point['kv_ratio']:.3f}x of a full cache", flush=True)
     rows = []
-    step_seconds, physical = dynts["step_seconds"], dynts["physical_len"]
-    for point in points:
-        # Step index where the logical length is `point`; average dynts over +-100 steps around it.
-        index = point - prompt_len
-        window = slice(max(0, index - 100), min(len(step_seconds), index + 100))
-        dynts_ms = 1000 * sum(step_seconds[window]) / max(1, len(step_seconds[window]))
-        held = sum(physical[window]) / max(1, len(physical[window]))
-        plain_ms, plain_bytes = plain[point]
-        plain_cost = step_costs(shape, batch, point, weight_bytes, bandwidth)
-        dynts_cost = step_costs(shape, batch, held, weight_bytes, bandwidth)
-        resident = physical[min(index, len(physical) - 1)] * batch * dynts["bytes_per_token"]
-        rows.append({
-            "model": name, "point": point,
-            "plain_ms": plain_ms, "dynts_ms": dynts_ms,
-            "plain_tokens_per_s": 1000 * batch / plain_ms, "dynts_tokens_per_s": 1000 * batch / dynts_ms,
-            "throughput_ratio": plain_ms / dynts_ms,
-            "plain_kv_bytes": plain_bytes, "dynts_resident_kv_bytes": resident,
-            "dynts_allocated_kv_bytes": dynts["allocated_kv_bytes"],
-            "resident_kv_ratio": resident / plain_bytes, "allocated_kv_ratio": dynts["allocated_kv_bytes"] / plain_bytes,
-            "plain_gflops": plain_cost["gflops"], "dynts_gflops": dynts_cost["gflops"],
-            "gflops_ratio": dynts_cost["gflops"] / plain_cost["gflops"],
-            "plain_roofline_ms": plain_cost["roofline_ms"], "dynts_roofline_ms": dynts_cost["roofline_ms"],
-            "dynts_over_roofline": dynts_ms / dynts_cost["roofline_ms"],
-        })
-    return rows
+    for point in settings.points:
+        figures = {"plain": measured["plain"][point], "full": measured["full"][point],
+                   "dynts": dynts_at(run, settings.prompt_len, point, settings.point_window)}
+        row = {"model": name, "point": point}
+        for path, figure in figures.items():
+            cost = step_costs(shape, settings.batch_size, figure["held_tokens"], weight_bytes, bandwidth)
+            ms = figure["ms"]
+            row.update({
+                f"{path}_ms": ms,
+                f"{path}_tokens_per_s": None if ms is None else 1000 * settings.batch_size / ms,
+                f"{path}_held_tokens": figure["held_tokens"],
+                f"{path}_kv_bytes": cost["kv_bytes"],
+                f"{path}_gflops": cost["gflops"],
+                f"{path}_roofline_ms": cost["roofline_ms"],
+                f"{path}_over_roofline": None if ms is None else ms / cost["roofline_ms"],
+                f"{path}_peak_bytes": figure["peak_bytes"],
+            })
+        row["dynts_vs_plain"] = row["plain_ms"] / row["dynts_ms"]
+        row["eviction_buys"] = None if row["full_ms"] is None else row["full_ms"] / row["dynts_ms"]
+        row["kv_held_ratio"] = row["dynts_kv_bytes"] / row["full_kv_bytes"]
+        rows.append(row)
+    record = {"weight_bytes": weight_bytes, "kv_bytes_per_token_row": shape.kv_bytes_per_token(), **run}
+    del model
+    if _on_gpu(settings.device):
+        torch.cuda.empty_cache()
+    return rows, record
 
 
-def eviction_points(run: dict, prompt_len: int) -> list[dict]:
-    """At each step where the rows were compacted: the KV held right after it vs a full cache at that length."""
-    physical = run["physical_len"]
-    points = []
-    for step in range(1, len(physical)):
-        if physical[step] < physical[step - 1]:
-            logical = prompt_len + step + 1
-            points.append({"logical": logical, "held": physical[step], "kv_ratio": physical[step] / logical})
-    return points
+def run_benchmark(settings: Settings, out: Path) -> dict:
+    """Every model of ``settings``; writes JSON, markdown and plot to ``out`` after each model (a run cut short
+    keeps what it measured)."""
+    out.mkdir(parents=True, exist_ok=True)
+    bandwidth = copy_bandwidth(settings.device)
+    print(f"device copy bandwidth (read + write): {bandwidth / 1e12:.3f} TB/s", flush=True)
+    results = {"device": torch.cuda.get_device_name() if _on_gpu(settings.device) else "cpu",
+               "copy_bandwidth_bytes_per_s": bandwidth,
+               "settings": settings.__dict__ | {"config": repr(settings.config)}, "rows": [], "runs": {}}
+    for name in settings.models:
+        rows, record = measure_model(name, settings, bandwidth)
+        results["rows"].extend(rows)
+        results["runs"][name] = record
+        write_outputs(results, out)
+    print(markdown_table(results["rows"]), flush=True)
+    return results
 
 
-def print_table(rows: list[dict]) -> None:
-    header = ("model", "point", "plain ms", "dynts ms", "x tput", "plain tok/s", "dynts tok/s", "KV res x",
-              "KV alloc x", "GFLOPs x", "dynts/roof")
-    print(" ".join(f"{h:>11s}" for h in header))
+# ---------------------------------------------------------------------------------------------------- outputs
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e9:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The README's table: one line per model and point."""
+    lines = [
+        "| model | decode step | ms/step: plain HF / full cache / dynts | dynts vs plain HF | eviction buys (full / "
+        "dynts) | KV held dynts / full | step / roofline: HF, full, dynts | peak allocated GB: HF, full, dynts |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(" ".join(f"{v:>11}" for v in (
-            r["model"], r["point"], f"{r['plain_ms']:.1f}", f"{r['dynts_ms']:.1f}", f"{r['throughput_ratio']:.2f}",
-            f"{r['plain_tokens_per_s']:.0f}", f"{r['dynts_tokens_per_s']:.0f}", f"{r['resident_kv_ratio']:.3f}",
-            f"{r['allocated_kv_ratio']:.3f}", f"{r['gflops_ratio']:.2f}", f"{r['dynts_over_roofline']:.2f}")))
+        lines.append(
+            f"| {r['model']} | {r['point']:,} | {_fmt(r['plain_ms'], '.1f')} / {_fmt(r['full_ms'], '.2f')} / "
+            f"{_fmt(r['dynts_ms'], '.2f')} | {_fmt(r['dynts_vs_plain'], '.2f')}x | "
+            f"{_fmt(r['eviction_buys'], '.2f')}x | {r['kv_held_ratio']:.2f}x | "
+            f"{_fmt(r['plain_over_roofline'], '.2f')}, {_fmt(r['full_over_roofline'], '.2f')}, "
+            f"{_fmt(r['dynts_over_roofline'], '.2f')} | "
+            f"{_gb(r['plain_peak_bytes'])}, {_gb(r['full_peak_bytes'])}, "
+            f"{_gb(r['dynts_peak_bytes'])} |")
+    return "\n".join(lines)
 
 
-def plot(rows: list[dict], runs: dict, path: Path) -> None:
+def model_summary(name: str, record: dict) -> str:
+    return (f"- {name}: scoring + eviction {100 * record['scoring_and_eviction_share']:.2f}% of decode time; "
+            f"{record['row_compactions']} row compactions at {len(record['compaction_steps'])} steps, largest "
+            f"compaction-step spike {_fmt(record['max_spike'], '.2f')}x the median of its neighbours")
+
+
+def plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = sorted({r["model"] for r in rows})
-    figure, axes = plt.subplots(len(models), 3, figsize=(15, 4 * len(models)), squeeze=False)
+    rows = results["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    panels = (("ms", "ms / step"), ("over_roofline", "step / bandwidth roofline"), ("kv_bytes", "KV bytes read / step"),
+              ("peak_bytes", "peak allocated bytes (cache + decode steps)"))
+    figure, axes = plt.subplots(len(models), len(panels) + 1, figsize=(5 * (len(panels) + 1), 4 * len(models)),
+                                squeeze=False)
     for row_axes, name in zip(axes, models):
         mine = [r for r in rows if r["model"] == name]
         points = [r["point"] for r in mine]
-        for axis, (key_plain, key_dynts, label) in zip(row_axes, (
-            ("plain_tokens_per_s", "dynts_tokens_per_s", "tokens / s"),
-            ("plain_kv_bytes", "dynts_resident_kv_bytes", "KV bytes held"),
-            ("plain_gflops", "dynts_gflops", "GFLOPs / step"),
-        )):
-            axis.plot(points, [r[key_plain] for r in mine], "o-", label="HF full cache")
-            axis.plot(points, [r[key_dynts] for r in mine], "s-", label="dynts")
-            for x, r in zip(points, mine):
-                axis.annotate(f"{r[key_dynts] / r[key_plain]:.2f}x", (x, r[key_dynts]), textcoords="offset points", xytext=(0, 6), fontsize=8)
-            axis.set_xlabel("decoding step")
+        for axis, (key, label) in zip(row_axes, panels):
+            for decode_path, marker in zip(PATHS, "o^s"):
+                values = [r[f"{decode_path}_{key}"] for r in mine]
+                if any(v is not None for v in values):  # peak bytes exist on CUDA only
+                    axis.plot(points, [float("nan") if v is None else v for v in values], marker + "-",
+                              label=PATH_LABELS[decode_path])
+            axis.set_xlabel("decoding step (logical tokens)")
             axis.set_title(f"{name}: {label}")
-            axis.legend()
+            if axis.lines:
+                axis.legend(fontsize=8)
+        for r in mine:  # the two ratios on the step-time panel
+            row_axes[0].annotate(f"{_fmt(r['dynts_vs_plain'], '.1f')}x HF, {_fmt(r['eviction_buys'], '.2f')}x full",
+                                 (r["point"], r["dynts_ms"]), textcoords="offset points", xytext=(0, -14), fontsize=7)
+        record = results["runs"][name]
+        trace = row_axes[-1]
+        trace.plot(range(len(record["step_ms"])), record["step_ms"], lw=0.5, label="dynts step")
+        compacting = record["compaction_steps"]
+        trace.plot(compacting, [record["step_ms"][s] for s in compacting], "rx", label="compaction steps")
+        trace.set_ylim(0, 3 * statistics.median(record["step_ms"]))
+        trace.set_xlabel("decode step")
+        trace.set_title(f"{name}: dynts step time (ms)")
+        trace.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=16000,
-                        help="forced dynts decode steps (16k, as in the DynTS paper: the last eviction cycle ends past 15k)")
-    parser.add_argument("--points", type=int, nargs="+", default=list(POINTS))
-    parser.add_argument("--budget", type=int, default=5000)
-    parser.add_argument("--window", type=int, default=2000)
-    parser.add_argument("--keep-ratio", type=float, default=0.3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=Path("bench_decode_out"))
-    args = parser.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    config = CompressionConfig(budget=args.budget, window=args.window, keep_ratio=args.keep_ratio)
-    bandwidth = copy_bandwidth(args.device)
-    print(f"device copy bandwidth (read + write): {bandwidth / 1e12:.2f} TB/s", flush=True)
-    all_rows, runs = [], {}
-    for name in args.models:
-        shape = SHAPES[name]
-        model = build_model(shape, args.device)
-        weight_bytes = sum(p.nbytes for n, p in model.named_parameters() if "embed_tokens" not in n)
-        plain = {}
-        for point in args.points:
-            plain[point] = plain_step_ms(model, shape, args.batch_size, point)
-            print(f"{name} plain HF at {point}: {plain[point][0]:.1f} ms/step", flush=True)
-        run = dynts_run(model, shape, args.batch_size, args.steps, args.prompt_len, config)
-        run["predictor_ms_per_step"] = predictor_ms(model, args.batch_size)
-        runs[name] = {k: v for k, v in run.items() if k not in ("step_seconds", "physical_len")}
-        total = sum(run["step_seconds"])
-        predictor_seconds = run["predictor_ms_per_step"] * len(run["step_seconds"]) / 1000
-        overhead = run["scoring_seconds"] + run["eviction_seconds"] + predictor_seconds
-        runs[name]["scoring_and_eviction_share"] = overhead / total
-        print(f"{name} dynts: {len(run['step_seconds'])} steps in {total:.1f} s, {run['evictions']} row compactions; "
-              f"compaction-time scoring {run['scoring_seconds']:.2f} s + eviction {run['eviction_seconds']:.2f} s + "
-              f"predictor {run['predictor_ms_per_step']:.3f} ms/step ({predictor_seconds:.2f} s) "
-              f"= {100 * overhead / total:.2f}% of decode time", flush=True)
-        runs[name]["eviction_points"] = eviction_points(run, args.prompt_len)
-        for point in runs[name]["eviction_points"]:
-            print(f"{name} eviction at logical {point['logical']}: holds {point['held']} tokens per row "
-                  f"= {point['kv_ratio']:.3f}x of a full cache", flush=True)
-        rows = report(name, shape, args.batch_size, args.prompt_len, plain, run, bandwidth, weight_bytes, tuple(args.points))
-        all_rows.extend(rows)
-        (args.out / "bench_decode.json").write_text(json.dumps({"rows": all_rows, "runs": runs}, indent=1))
-        del model
-        if args.device == "cuda":
-            torch.cuda.empty_cache()
-    print_table(all_rows)
-    plot(all_rows, runs, args.out / "bench_decode.png")
+def write_outputs(results: dict, out: Path) -> None:
+    """JSON (everything), markdown (the table and per-model lines) and, when matplotlib is installed, the plot."""
+    (out / "bench_decode.json").write_text(json.dumps(results, indent=1))
+    summary = [model_summary(name, record) for name, record in results["runs"].items()]
+    (out / "bench_decode.md").write_text(markdown_table(results["rows"]) + "\n\n" + "\n".join(summary) + "\n")
+    try:
+        plot(results, out / "bench_decode.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot (redraw it elsewhere with --replot bench_decode.json)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..cli import default_device, device_name, existing_file
+
+    defaults = Settings()
+    parser.add_argument("--models", nargs="+", default=list(defaults.models), choices=list(SHAPES),
+                        help="architecture shapes to measure (random weights)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="rows decoded together")
+    parser.add_argument("--prompt-len", type=int, default=defaults.prompt_len, help="random prompt tokens per row")
+    parser.add_argument("--points", type=int, nargs="+", default=list(defaults.points),
+                        help="decoding steps (held tokens) at which both are measured")
+    parser.add_argument("--budget", type=int, default=defaults.budget, help="dynts: compact a row at this many tokens")
+    parser.add_argument("--window", type=int, default=defaults.window, help="dynts: most recent tokens always kept")
+    parser.add_argument("--keep-ratio", type=float, default=defaults.keep_ratio, help="dynts: share of the older tokens kept")
+    parser.add_argument("--point-window", type=int, default=defaults.point_window,
+                        help="dynts steps averaged on each side of a point (it decodes to the last point plus these)")
+    parser.add_argument("--full-steps", type=int, default=defaults.full_steps,
+                        help="timed steps of the full-cache fast path at each point")
+    parser.add_argument("--plain-steps", type=int, default=defaults.plain_steps,
+                        help="timed steps of plain HF at each point")
+    parser.add_argument("--device", type=device_name, default=default_device(), help="torch device")
+    parser.add_argument("--out", type=Path, default=Path("bench_decode_out"), help="folder for the JSON, table and plot")
+    parser.add_argument("--replot", type=existing_file, default=None,
+                        help="redraw the plot and table of a saved bench_decode.json into --out, measuring nothing")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import make_settings
+
+    if args.replot is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_outputs(json.loads(args.replot.read_text()), args.out)
+        return 0
+    settings = make_settings(
+        Settings, models=tuple(args.models), batch_size=args.batch_size, prompt_len=args.prompt_len,
+        points=tuple(args.points), budget=args.budget, window=args.window, keep_ratio=args.keep_ratio,
+        point_window=args.point_window, full_steps=args.full_steps, plain_steps=args.plain_steps, device=args.device,
+    )
+    run_benchmark(settings, args.out)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dynts.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

@@ -4,8 +4,10 @@
 
 1. Accuracy: dynts's chunk / fused-recurrent KDA and GDN against the naive fp32 recurrence and against fla
    (``fla-core``, optional) on the same bf16 inputs: relative RMSE of outputs and final states.
-2. Prefill: chunk_kda (and chunk_gated_delta_rule) at 8k-64k tokens, 32 heads, 128x128 state, bf16, side by side
-   with fla in the same process.
+2. Prefill: chunk_kda and chunk_gated_delta_rule at 16k and 64k tokens by default (``--prefill-lengths``), 32 heads,
+   128x128 state, bf16, side by side with fla in the same process. Our first call at each length tunes the launch
+   shapes (``kernels/linear_attention/chunk.py``: every config of each kernel's space timed once per shape, untimed
+   here like fla's own autotuning); the configs chosen are logged (``prefill_tuned_launches``).
 3. Decode step: fused_recurrent_kda, one token, 32 heads, 128x128 fp32 state, batch 1 and 20: wall-clock per call
    of back-to-back eager calls (what a Python decode loop pays) and per replay of a CUDA graph (GPU time).
 4. TPOT: decoder layers at Kimi-Linear width (hidden 2304; KDA 32 x 128; GQA attention 32 q / 8 kv heads x 128;
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 
@@ -170,6 +171,7 @@ def prefill(results: dict, fla: dict | None, lengths: list[int], ops: list[str])
             log(results, f"prefill_{name}_T{tokens}", figures)
             inputs = None  # free the inputs before the next, longer run
             torch.cuda.empty_cache()
+    log(results, "prefill_tuned_launches", chunk_module.tuned_launches())
 
 
 def decode(results: dict, fla: dict | None, ops: list[str]) -> None:
@@ -291,37 +293,44 @@ def tpot(results: dict, contexts: list[int], layers: int, budget: int) -> None:
         log(results, f"tpot_context{context}", figures)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write all figures as JSON here")
-    parser.add_argument("--parts", default="accuracy,prefill,decode,tpot")
+    parser.add_argument("--parts", default="accuracy,prefill,decode,tpot", help="comma-separated parts to run")
     parser.add_argument("--ops", default="kda,gdn", help="ops for accuracy, prefill and decode: kda, gdn")
-    parser.add_argument("--prefill-lengths", default="8192,16384,32768,65536")
-    parser.add_argument("--contexts", default="4096,131072,524288,1048576")
+    parser.add_argument("--prefill-lengths", default="16384,65536", help="prefill lengths in tokens, comma-separated")
+    parser.add_argument("--contexts", default="4096,131072,524288,1048576", help="TPOT context lengths, comma-separated")
     parser.add_argument("--layers", type=int, default=8, help="decoder layers in the TPOT model (multiple of 4)")
     parser.add_argument("--budget", type=int, default=4096, help="tokens a dynts-compressed attention layer holds")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynts.cli import UsageError
+
     if args.layers < 4 or args.layers % 4:
-        sys.exit(f"--layers must be a positive multiple of 4, got {args.layers}")
+        raise UsageError(f"--layers must be a positive multiple of 4, got {args.layers}")
     ops = args.ops.split(",")
     if any(op not in OPS for op in ops):
-        sys.exit(f"--ops: allowed kda, gdn (comma-separated), got {args.ops!r}")
-    if not torch.cuda.is_available():
-        sys.exit("bench_linear_attention needs a CUDA GPU")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    log(results, "prefill_launch", {"intra_by_per_channel_gate": chunk_module.INTRA_LAUNCH,
-                                    "state": chunk_module.STATE_LAUNCH})
-    fla = load_fla()
+        raise UsageError(f"--ops {args.ops}: allowed kda, gdn (comma-separated)")
+    try:
+        prefill_lengths = [int(x) for x in args.prefill_lengths.split(",")]
+        contexts = [int(x) for x in args.contexts.split(",")]
+    except ValueError:
+        raise UsageError(f"--prefill-lengths {args.prefill_lengths} / --contexts {args.contexts}: comma-separated ints") from None
     parts = {
         "accuracy": lambda: accuracy(results, fla, ops),
-        "prefill": lambda: prefill(results, fla, [int(x) for x in args.prefill_lengths.split(",")], ops),
+        "prefill": lambda: prefill(results, fla, prefill_lengths, ops),
         "decode": lambda: decode(results, fla, ops),
-        "tpot": lambda: tpot(results, [int(x) for x in args.contexts.split(",")], args.layers, args.budget),
+        "tpot": lambda: tpot(results, contexts, args.layers, args.budget),
     }
+    unknown = [part for part in args.parts.split(",") if part not in parts]
+    if unknown:
+        raise UsageError(f"--parts {args.parts}: unknown {', '.join(unknown)}; allowed: {', '.join(parts)}")
+    if not torch.cuda.is_available():
+        raise UsageError("bench_linear_attention needs a CUDA GPU")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    fla = load_fla()
     for part in args.parts.split(","):
-        if part not in parts:
-            sys.exit(f"--parts: unknown part {part!r}; allowed: {', '.join(parts)}")
         try:
             parts[part]()
         except Exception as error:  # one failing part must not lose the figures of the others
@@ -329,7 +338,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(results, handle, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from dynts.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

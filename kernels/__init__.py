@@ -1,9 +1,11 @@
 """Kernels behind the cache storage: in-place compaction and attention-score accumulation.
 
 Each op has a torch reference (``reference.py``, the specification, also the CPU path). CUDA tensors take the
-Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``) when Triton is installed;
-``force_reference(True)`` or ``DYNTS_KERNELS=reference`` forces the torch path. Triton is imported only when a
-kernel first runs, so CPU installs without it import this package fine.
+Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``, ``decode_attention_kernel.py``,
+``fused_decode.py``) when Triton is installed; ``force_reference(True)`` or ``DYNTS_KERNELS=reference`` forces the
+torch path. Triton is imported only when a kernel first runs, so CPU installs without it import this package fine.
+``custom_ops.py`` registers ``torch.ops.dynts.decode_attention``, the form of ``decode_attention`` that
+``torch.compile`` traces without a graph break.
 """
 
 from __future__ import annotations
@@ -14,13 +16,17 @@ from collections.abc import Sequence
 
 import torch
 
+from . import custom_ops  # noqa: F401  (registers torch.ops.dynts.decode_attention for torch.compile)
+from .decode_step_checks import check_rms_norm_args, check_rotary_and_store_args, check_silu_and_mul_args
 from .reference import (
     REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, decode_attention_reference,
+    rms_norm_reference, rotary_and_store_reference, silu_and_mul_reference,
 )
 from .validation import check_compaction_args, check_paged_compaction_args
 
 __all__ = [
-    "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "force_reference", "uses_reference",
+    "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "force_reference", "rms_norm",
+    "rotary_and_store", "silu_and_mul", "uses_reference",
 ]
 
 _force_reference = os.environ.get("DYNTS_KERNELS", "").lower() == "reference"
@@ -80,16 +86,24 @@ def attention_scores(
     scale: float,
     query_count: torch.Tensor | None = None,
     key_start: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
     reduce_queries: str = "sum",
     reduce_group: str = "sum",
 ) -> torch.Tensor:
     """Causal softmax attention of the newest queries over cached keys, reduced per key slot.
 
     See ``reference.attention_scores_reference``. Windows longer than ``MAX_QUERY_CHUNK`` are processed in
-    causal chunks (sum and max are exact across chunks; mean divides the sum by the query count).
+    causal chunks (sum and max are exact across chunks; mean divides the sum by the query count). Arbitrary
+    ``query_valid`` / ``key_valid`` masks (padding between kept tokens, rare) take the torch reference.
     """
     batch, _, window, _ = queries.shape
     key_len = key_len.to(queries.device)
+    if query_valid is not None or key_valid is not None:
+        return attention_scores_reference(
+            queries, keys, key_len, scale=scale, query_count=query_count, key_start=key_start,
+            query_valid=query_valid, key_valid=key_valid, reduce_queries=reduce_queries, reduce_group=reduce_group,
+        )
     if query_count is None:
         query_count = torch.full((batch,), window, dtype=torch.long, device=queries.device)
     query_count = query_count.to(queries.device)
@@ -135,3 +149,42 @@ def decode_attention(
     from .decode_attention_kernel import decode_attention as decode_attention_triton
 
     return decode_attention_triton(queries, keys, values, lengths, scale=scale)
+
+
+# Per-layer elementwise work of a Llama / Qwen2 decode step, fused (``fused_decode.py``). Arguments are checked
+# from shapes and dtypes only (no device sync: safe inside a captured CUDA graph); bad ones raise ValueError.
+def rms_norm(
+    hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(normed, new residual stream): RMSNorm after the residual add. See ``reference.rms_norm_reference``."""
+    check_rms_norm_args(hidden, weight, eps, residual)
+    if uses_reference(hidden):
+        return rms_norm_reference(hidden, weight, eps=eps, residual=residual)
+    from .fused_decode import rms_norm as rms_norm_triton
+
+    return rms_norm_triton(hidden, weight, eps=eps, residual=residual)
+
+
+def rotary_and_store(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor, layer: int, slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotated queries; the rotated keys and the values written at each row's ``slots`` entry of ``layer``. See
+    ``reference.rotary_and_store_reference`` (``slots`` must lie in [0, capacity): they are not read on the host)."""
+    check_rotary_and_store_args(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
+    if uses_reference(queries):
+        return rotary_and_store_reference(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
+    from .fused_decode import rotary_and_store as rotary_and_store_triton
+
+    return rotary_and_store_triton(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
+
+
+def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` (views of one fused gate/up projection are fine). See
+    ``reference.silu_and_mul_reference``."""
+    check_silu_and_mul_args(gate, up)
+    if uses_reference(gate):
+        return silu_and_mul_reference(gate, up)
+    from .fused_decode import silu_and_mul as silu_and_mul_triton
+
+    return silu_and_mul_triton(gate, up)

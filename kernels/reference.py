@@ -90,6 +90,8 @@ def attention_scores_reference(
     scale: float,
     query_count: torch.Tensor | None = None,
     key_start: torch.Tensor | None = None,
+    query_valid: torch.Tensor | None = None,
+    key_valid: torch.Tensor | None = None,
     reduce_queries: Reduction = "sum",
     reduce_group: Reduction = "sum",
     causal: bool = True,
@@ -104,6 +106,10 @@ def attention_scores_reference(
                  has seen fewer tokens than the window); None means all.
     key_start:   [batch] int64 or None: keys at slots < key_start[b] are invisible (left padding during a
                  prefill); None means 0.
+    query_valid: [batch, window] bool or None: which queries are real (instead of ``query_count``, for padding
+                 between real tokens); the mean over queries divides by their number.
+    key_valid:   [batch, >= key_len.max()] bool or None: which key slots are visible at all (padding between
+                 real tokens is not).
     causal:      a query does not see keys newer than itself.
     Returns      [batch, kv_heads, slots] float32: per query the exact softmax over the visible keys, then
                  reduced over the (valid) queries and over the q heads of each GQA group. Slots past key_len
@@ -130,7 +136,16 @@ def attention_scores_reference(
         visible = visible & (slot.view(1, 1, slots) >= key_start.to(device).view(batch, 1, 1))
     if causal:
         visible = visible & (slot.view(1, 1, slots) <= query_slot.unsqueeze(-1))  # [B, W, S]
-    query_valid = torch.arange(window, device=device).view(1, window) >= (window - query_count.view(batch, 1))  # [B, W]
+    if key_valid is not None:
+        width = min(slots, key_valid.shape[1])
+        visible_keys = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+        visible_keys[:, :width] = key_valid[:, :width].to(device)
+        visible = visible & visible_keys.view(batch, 1, slots)
+    if query_valid is None:
+        query_valid = torch.arange(window, device=device).view(1, window) >= (window - query_count.view(batch, 1))  # [B, W]
+    else:
+        query_valid = query_valid.to(device=device, dtype=torch.bool)
+        query_count = query_valid.sum(dim=1)
 
     q = queries.float().view(batch, kv_heads, group, window, dim)
     k = keys.float().unsqueeze(2)  # [B, Hkv, 1, S, D]
@@ -172,3 +187,53 @@ def decode_attention_reference(
     probs = torch.softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
     out = torch.matmul(probs, values.float())  # [B, Hkv, G, Dv]
     return out.reshape(batch, q_heads, -1).to(queries.dtype)
+
+
+def rms_norm_reference(
+    hidden: torch.Tensor, weight: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of a decoder's hidden states, after adding the residual stream when one is given (Llama / Qwen2).
+
+    hidden: [..., size]; residual: None or hidden's shape and dtype; weight: [size].
+    Returns (normed, summed): ``summed = hidden + residual`` in hidden's dtype (``hidden`` itself without a
+    residual), the new residual stream; ``normed = weight * (summed / sqrt(mean(summed^2) + eps))`` with the mean in
+    float32 and the normalised value rounded to hidden's dtype before the weight multiplies it (transformers'
+    LlamaRMSNorm / Qwen2RMSNorm), in hidden's dtype.
+    """
+    summed = hidden if residual is None else hidden + residual
+    x = summed.float()
+    normalized = (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+    return (weight * normalized).to(hidden.dtype), summed
+
+
+def rotary_and_store_reference(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor, layer: int, slots: torch.Tensor,
+) -> torch.Tensor:
+    """Rotary embedding of one decode step's queries and keys, and the write of its K/V at each row's physical end.
+
+    queries [rows, q_heads, dim]; keys [rows, kv_heads, dim]; values [rows, kv_heads, value_dim]; cos, sin
+    [rows, dim] in queries' dtype (the model's rotary embedding at each row's position); key_cache
+    [layers, rows, kv_heads, capacity, dim] and value_cache [layers, rows, kv_heads, capacity, value_dim] (the dense
+    storage); slots [rows] int, each in [0, capacity) (each row's physical length).
+    Rotation as transformers' ``apply_rotary_pos_emb`` (rotate-half layout): ``x * cos + rotate_half(x) * sin`` in
+    x's dtype, each product rounded, then the sum. Writes ``key_cache[layer, r, :, slots[r]]`` = the rotated keys
+    of row r and ``value_cache[layer, r, :, slots[r]]`` = its values; returns the rotated queries.
+    """
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated_half = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos.unsqueeze(1) + rotated_half * sin.unsqueeze(1)
+
+    rows = torch.arange(queries.shape[0], device=queries.device)
+    # [layer, rows, :, slots]: the two index tensors pair up row by row; the result is [rows, heads, dim].
+    key_cache[layer, rows, :, slots] = rotate(keys)
+    value_cache[layer, rows, :, slots] = values
+    return rotate(queries)
+
+
+def silu_and_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The gated MLP's activation of Llama / Qwen2: ``silu(gate) * up`` (gate, up [..., size], one dtype), with
+    SiLU rounded to the dtype before the product, as transformers computes ``act_fn(gate_proj(x)) * up_proj(x)``."""
+    return torch.nn.functional.silu(gate) * up

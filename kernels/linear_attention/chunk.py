@@ -47,24 +47,109 @@ LOG2_E = tl.constexpr(1.4426950408889634)
 # tokens away from the middle stay within this many powers of two (so neither overflows fp32 nor loses a key
 # entry above 2^-30 to underflow); chunks with stronger gates take an exact column-by-column path.
 MAX_FACTORED_EXPONENT = tl.constexpr(96.0)
-# Launch shapes for 32 heads of 128 x 128 on an H100, by gate kind (True: one gate per key channel), measured side
-# by side (docs/linear_attention_prefill_h100.log). "split": the scores and apply steps as two kernels (KDA: 1.29x
-# faster at 64k tokens than one kernel; GDN: the best split launch 1.18x slower); "block": key channels per step
-# of the scores step (and per block of the apply step when not split; 16 ran slower); warps and a register cap
-# for the scores step (uncapped it takes ~255 registers, two programs per multiprocessor, 3% slower; 8 warps
-# 1.2-1.4x slower); "apply_block" / "apply_warps": channels per program of the apply kernel and its warps (64
-# channels with 8 warps ran 1.14x faster than 32 with 4).
-INTRA_LAUNCH = {
-    True: {"split": True, "block": 32, "num_warps": 4, "maxnreg": 168, "apply_block": 64, "apply_warps": 8},
-    False: {"split": False, "block": 32, "num_warps": 4, "maxnreg": 168},
+# Launch shapes. Every kernel has a small tuning space whose first config is the launch measured best on an H100
+# for 32 heads of 128 x 128 (docs/linear_attention_prefill_h100.log: the scores step uncapped took ~255 registers,
+# two programs per multiprocessor, 3% slower, and 8 warps 1.2-1.4x slower; 64 apply channels with 8 warps ran 1.14x
+# faster than 32 with 4; the state pass with 3 stages was 3% faster for GDN, no faster for KDA). Constants tuned on
+# one card did not hold on the next (the H200 left KDA at 0.87x and GDN at 0.70x of fla), so a prefill of at least
+# TUNE_FROM_CHUNKS chunks times every config of the space once per shape (head counts and dims, flags, dtypes and
+# the power-of-two buckets of the chunk and sequence counts, ``_tuning_key``) and keeps the fastest. Shorter
+# prefills, where timing would cost more than it saves, and the interpreter, which ignores warps and stages, take
+# the first config. Which stage-1 layout runs stays fixed per gate kind: KDA's register-heavy scores step as its
+# own kernel (1.29x faster at 64k tokens than one kernel), GDN's light one inside the apply program (the split
+# launch was 1.18x slower).
+TUNE_FROM_CHUNKS = 64
+SCORES_CONFIGS = [  # KDA scores step: KB key channels per step of A and P
+    triton.Config({"KB": 32}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"KB": 32}, num_warps=4, num_stages=1),
+    triton.Config({"KB": 16}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"KB": 64}, num_warps=4, num_stages=1),
+    triton.Config({"KB": 64}, num_warps=8, num_stages=1),
+]
+APPLY_CONFIGS = [  # KDA apply step: KB key / VB value channels per program (no loop: stages stay at the default)
+    triton.Config({"KB": 64, "VB": 64}, num_warps=8),
+    triton.Config({"KB": 32, "VB": 32}, num_warps=4),
+    triton.Config({"KB": 64, "VB": 64}, num_warps=4),
+    triton.Config({"KB": 128, "VB": 128}, num_warps=8),
+    triton.Config({"KB": 32, "VB": 32}, num_warps=2),
+]
+INTRA_CONFIGS = [  # GDN scores and apply steps in one program: KB key channels per step, VB value channels per block
+    triton.Config({"KB": 32, "VB": 32}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"KB": 32, "VB": 32}, num_warps=4, num_stages=1),
+    triton.Config({"KB": 32, "VB": 64}, num_warps=4, num_stages=1, maxnreg=168),
+    triton.Config({"KB": 64, "VB": 64}, num_warps=4, num_stages=1),
+    triton.Config({"KB": 64, "VB": 64}, num_warps=8, num_stages=1),
+]
+# State pass: BV value channels per program (32: 128 programs for 32 heads on 132 multiprocessors; 16 doubles the
+# programs of a short batch, 64 halves the re-reads of W, Qg, Kd and P). Stages only pipeline 16-bit tiles of up
+# to 128 key channels (``_fit_state``).
+_STATE_LAUNCHES = [(32, 4, 2), (32, 4, 3), (16, 4, 2), (16, 4, 3), (16, 2, 2), (64, 4, 2), (64, 8, 2), (32, 8, 2)]
+STATE_CONFIGS = {  # by gate kind, each starting from its measured default (BV, warps, stages)
+    per_channel: [triton.Config({"BV": block}, num_warps=warps, num_stages=stages)
+                  for block, warps, stages in sorted(_STATE_LAUNCHES, key=lambda launch: launch != default)]
+    for per_channel, default in ((True, (32, 4, 2)), (False, (32, 4, 3)))
 }
-# Kernel 2: value channels per program (32: 128 programs for 32 heads on 132 multiprocessors), warps, pipeline
-# stages (KDA: 3 stages no faster than 2, 8 warps or 64 channels 4-11% slower; GDN, whose loads are lighter
-# (q and k instead of Qg and Kd): 3 stages 3% faster).
-STATE_LAUNCH = {
-    True: {"block_v": 32, "num_warps": 4, "num_stages": 2},
-    False: {"block_v": 32, "num_warps": 4, "num_stages": 3},
-}
+
+
+def _tuned_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """The space to tune over: all of it when compiling, the first config under the interpreter."""
+    return configs[:1] if interpreting() else configs
+
+
+def _with(config: triton.Config, **changes) -> triton.Config:
+    """A copy of ``config`` with some meta-parameters (or ``num_stages``) changed."""
+    stages = changes.pop("num_stages", config.num_stages)
+    return triton.Config({**config.kwargs, **changes}, num_warps=config.num_warps, num_stages=stages,
+                         maxnreg=config.maxnreg)
+
+
+def _padded(dim: int) -> int:
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _fitted_space(fit):
+    """An ``early_config_prune`` for a space: each config fitted to the launch (``fit(config, args)``), duplicates
+    dropped; below TUNE_FROM_CHUNKS chunks only the first config."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        if args["chunk_bucket"] < TUNE_FROM_CHUNKS:
+            configs = configs[:1]
+        fitted = {}
+        for config in configs:
+            config = fit(config, args)
+            launch = (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages, config.maxnreg)
+            fitted.setdefault(launch, config)
+        return list(fitted.values())
+
+    return prune
+
+
+def _fit_blocks(config, args):
+    """Channel blocks no wider than the padded head dims: a wider block only adds masked lanes."""
+    caps = {"KB": "K", "VB": "V", "BV": "V"}  # tuned block -> the head dim it walks
+    return _with(config, **{name: min(value, _padded(args[caps[name]])) for name, value in config.kwargs.items()})
+
+
+def _fit_state(config, args):
+    """16-bit W/Qg/Kd tiles of up to 128 key channels leave room in shared memory (227 KB) for more than one stage:
+    the next chunk's tiles load during this chunk's products; other launches run unpipelined."""
+    config = _fit_blocks(config, args)
+    pipelined = args["SIXTEEN_BIT_PRODUCTS"] and args["BK"] <= 128
+    return config if pipelined else _with(config, num_stages=1)
+
+
+def _tuning_key(*names: str) -> list[str]:
+    """Autotune key: the kernel's shape and flag arguments plus the chunk-count bucket (tensor dtypes are added by
+    Triton). The buckets (``chunk_bucket``, ``sequence_bucket``) are kernel arguments only for the key: unused in the
+    kernels and not specialised on, so a new bucket re-times the space without compiling anything."""
+    return [*names, "chunk_bucket"]
+
+
+def _autotuned(configs, key, fit):
+    """Decorator: a kernel tuned over ``configs`` (see ``_tuned_configs``), keyed on ``key``."""
+    return triton.autotune(configs=_tuned_configs(configs), key=key,
+                           prune_configs_by={"early_config_prune": _fitted_space(fit)})
 
 
 @triton.jit
@@ -288,9 +373,9 @@ def _apply_to_values(v, u, b_T, b_beta, token, row_ok, hv, v0, HV: tl.constexpr,
     tl.store(u + offsets, tl.dot(b_T, b_v, input_precision=DOT_PRECISION), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_bucket"])
 def _chunk_intra_kernel(
-    q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu_seqlens, chunk_indices, scale, T, chunk_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -308,9 +393,9 @@ def _chunk_intra_kernel(
         _apply_to_values(v, u, b_T, b_beta, token, row_ok, hv, v0, HV, V, VB, DOT_PRECISION, ROUND_TF32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_bucket"])
 def _chunk_scores_kernel(
-    q, k, g, beta, p, gamma, row_scale, t_matrix, norms, cu_seqlens, chunk_indices, scale, T,
+    q, k, g, beta, p, gamma, row_scale, t_matrix, norms, cu_seqlens, chunk_indices, scale, T, chunk_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, KB: tl.constexpr,
     PER_CHANNEL: tl.constexpr, L2NORM: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROUND_TF32: tl.constexpr, NATIVE_DOT: tl.constexpr,
@@ -327,9 +412,9 @@ def _chunk_scores_kernel(
     tl.store(norms + base * 2 + 1, k_norm, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_bucket"])
 def _chunk_apply_kernel(
-    q, k, v, g, beta, w, u, qg, kd, gamma, t_matrix, norms, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, g, beta, w, u, qg, kd, gamma, t_matrix, norms, cu_seqlens, chunk_indices, scale, T, chunk_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
@@ -355,9 +440,9 @@ def _chunk_apply_kernel(
                          DOT_PRECISION, ROUND_TF32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["chunk_bucket", "sequence_bucket"])
 def _chunk_state_kernel(
-    q, k, w, u, qg, kd, p, gamma, row_scale, o, h0, ht, cu_seqlens, chunk_offsets, T,
+    q, k, w, u, qg, kd, p, gamma, row_scale, o, h0, ht, cu_seqlens, chunk_offsets, T, chunk_bucket, sequence_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr, SIXTEEN_BIT_PRODUCTS: tl.constexpr,
@@ -436,6 +521,36 @@ def _chunk_state_kernel(
         tl.store(ht + state_offset, b_S, mask=state_mask)
 
 
+# The kernels as launched: each tuned over its space (see TUNE_FROM_CHUNKS); the state pass once per gate kind, whose
+# spaces start from different measured defaults.
+_scores_launch = _autotuned(
+    SCORES_CONFIGS, _tuning_key("H", "HV", "K", "PER_CHANNEL", "L2NORM", "IS_VARLEN", "NATIVE_DOT"), _fit_blocks,
+)(_chunk_scores_kernel)
+_apply_launch = _autotuned(
+    APPLY_CONFIGS, _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "IS_VARLEN"), _fit_blocks,
+)(_chunk_apply_kernel)
+_intra_launch = _autotuned(
+    INTRA_CONFIGS, _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "L2NORM", "IS_VARLEN", "NATIVE_DOT"), _fit_blocks,
+)(_chunk_intra_kernel)
+_state_launch = {
+    per_channel: _autotuned(
+        STATE_CONFIGS[per_channel],
+        _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "IS_VARLEN", "USE_INITIAL_STATE", "STORE_FINAL_STATE",
+                    "SIXTEEN_BIT_PRODUCTS", "sequence_bucket"),
+        _fit_state,
+    )(_chunk_state_kernel)
+    for per_channel in (True, False)
+}
+
+
+def tuned_launches() -> dict[str, dict[str, str]]:
+    """The config each launcher chose, per tuning key seen in this process (for benchmark logs)."""
+    launchers = {"kda_scores": _scores_launch, "kda_apply": _apply_launch, "gdn_intra": _intra_launch,
+                 "kda_state": _state_launch[True], "gdn_state": _state_launch[False]}
+    return {name: {str(key): str(config) for key, config in launcher.cache.items()}
+            for name, launcher in launchers.items()}
+
+
 def chunk_delta_rule_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -496,40 +611,32 @@ def chunk_delta_rule_triton(
         torch.empty(sequences, value_heads, key_dim, value_dim, **float32) if output_final_state else None
     )
     is_varlen = cu_seqlens is not None
+    buckets = {"chunk_bucket": triton.next_power_of_2(max(n_chunks, 1))}
     if n_chunks > 0:
-        launch = INTRA_LAUNCH[per_channel]
         shapes = {"H": heads, "HV": value_heads, "K": key_dim}
         flags = {"PER_CHANNEL": per_channel, "IS_VARLEN": is_varlen, "DOT_PRECISION": dot_precision,
                  "ROUND_TF32": sixteen_bit}
-        scores = {"BK": block_k, "KB": min(block_k, launch["block"]), "L2NORM": use_qk_l2norm_in_kernel,
-                  "NATIVE_DOT": sixteen_bit_products, "num_warps": launch["num_warps"], "num_stages": 1,
-                  "maxnreg": launch["maxnreg"]}
-        if launch["split"]:
+        scores = {"BK": block_k, "L2NORM": use_qk_l2norm_in_kernel, "NATIVE_DOT": sixteen_bit_products}
+        if per_channel:
             t_matrix = torch.empty(total, value_heads, CHUNK_SIZE, **float32)
             norms = torch.empty(total, value_heads, 2, **float32)
-            _chunk_scores_kernel[(n_chunks, value_heads)](
+            _scores_launch[(n_chunks, value_heads)](
                 q, k, g, beta, p, gamma, row_scale, t_matrix, norms, cu, chunk_indices, scale, length,
-                **shapes, **flags, **scores)
-            key_block = min(block_k, launch["apply_block"])
-            value_block = min(block_v, launch["apply_block"])
-            blocks = triton.cdiv(key_dim, key_block) + triton.cdiv(value_dim, value_block)
-            _chunk_apply_kernel[(n_chunks, value_heads, blocks)](
+                **buckets, **shapes, **flags, **scores)
+            _apply_launch[lambda meta: (n_chunks, value_heads,
+                                        triton.cdiv(key_dim, meta["KB"]) + triton.cdiv(value_dim, meta["VB"]))](
                 q, k, v, g, beta, w, u, qg, kd, gamma, t_matrix, norms, cu, chunk_indices, scale, length,
-                **shapes, V=value_dim, KB=key_block, VB=value_block, **flags, num_warps=launch["apply_warps"])
+                **buckets, **shapes, V=value_dim, **flags)
         else:
-            _chunk_intra_kernel[(n_chunks, value_heads)](
+            _intra_launch[(n_chunks, value_heads)](
                 q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu, chunk_indices, scale, length,
-                **shapes, V=value_dim, BV=block_v, VB=min(block_v, launch["block"]), **flags, **scores)
-    # 16-bit W/Qg/Kd tiles of up to 128 key channels leave room in shared memory (227 KB) for a second stage: the
-    # next chunk's tiles load during this chunk's products.
-    state_launch = STATE_LAUNCH[per_channel]
-    pipelined = sixteen_bit and block_k <= 128
-    _chunk_state_kernel[(sequences * value_heads, triton.cdiv(value_dim, state_launch["block_v"]))](
+                **buckets, **shapes, V=value_dim, BV=block_v, **flags, **scores)
+    _state_launch[per_channel][lambda meta: (sequences * value_heads, triton.cdiv(value_dim, meta["BV"]))](
         q, k, w, u, qg, kd, p, gamma, row_scale, out, initial_state, final_state, cu, chunk_offsets, length,
-        H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k, BV=state_launch["block_v"],
+        **buckets, sequence_bucket=triton.next_power_of_2(sequences),
+        H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k,
         PER_CHANNEL=per_channel, IS_VARLEN=is_varlen,
         USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
         DOT_PRECISION=dot_precision, SIXTEEN_BIT_PRODUCTS=sixteen_bit_products, ROUND_TF32=sixteen_bit,
-        num_warps=state_launch["num_warps"], num_stages=state_launch["num_stages"] if pipelined else 1,
     )
     return out, final_state

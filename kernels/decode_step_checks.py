@@ -1,0 +1,100 @@
+"""Argument checks of the decode-step ops (RMSNorm, rotary embedding + K/V write, SiLU-and-mul).
+
+They read shapes, dtypes and devices only, never values (no device synchronisation: the ops run inside captured
+CUDA graphs), and raise ValueError naming the argument and what it must be. No Triton import: the dispatchers in
+``dynts.kernels`` check before choosing the torch reference or the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_float(name: str, tensor: torch.Tensor) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
+    if tensor.dim() >= 1 and tensor.shape[-1] > 0 and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dim (got strides {tensor.stride()})")
+
+
+def _check_same(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], *, shape: bool) -> None:
+    """All ``tensors`` on the first one's device with its dtype (and its shape when ``shape``)."""
+    first_name, first = names[0], tensors[0]
+    for name, tensor in zip(names[1:], tensors[1:]):
+        if tensor.device != first.device:
+            raise ValueError(f"{name} is on {tensor.device}, {first_name} on {first.device}: they must share a device")
+        if tensor.dtype != first.dtype:
+            raise ValueError(f"{name} must have {first_name}'s dtype {first.dtype}, got {tensor.dtype}")
+        if shape and tensor.shape != first.shape:
+            raise ValueError(f"{name} must have {first_name}'s shape {tuple(first.shape)}, got {tuple(tensor.shape)}")
+
+
+def check_rms_norm_args(hidden: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"hidden must be [..., size] with size >= 1, got shape {tuple(hidden.shape)}")
+    if weight.shape != hidden.shape[-1:]:
+        raise ValueError(f"weight must be [size] = [{hidden.shape[-1]}] (hidden's last dim), got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight is on {weight.device}, hidden on {hidden.device}: they must share a device")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or math.isnan(eps) or eps < 0:
+        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if residual is not None:
+        _check_float("residual", residual)
+        _check_same(("hidden", "residual"), (hidden, residual), shape=True)
+
+
+def check_rotary_and_store_args(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor, layer: int, slots: torch.Tensor,
+) -> None:
+    for name, tensor in (("queries", queries), ("keys", keys), ("values", values), ("cos", cos), ("sin", sin),
+                         ("key_cache", key_cache), ("value_cache", value_cache)):
+        _check_float(name, tensor)
+    _check_same(("queries", "keys", "values", "cos", "sin", "key_cache", "value_cache"),
+                (queries, keys, values, cos, sin, key_cache, value_cache), shape=False)
+    if queries.dim() != 3 or keys.dim() != 3 or values.dim() != 3:
+        raise ValueError(f"queries, keys and values must be [rows, heads, dim], got shapes {tuple(queries.shape)}, "
+                         f"{tuple(keys.shape)}, {tuple(values.shape)}")
+    rows, _, dim = queries.shape
+    if dim % 2:
+        raise ValueError(f"the head dim must be even (the rotation pairs its halves), got {dim}")
+    if keys.shape[0] != rows or keys.shape[2] != dim:
+        raise ValueError(f"keys must be [rows={rows}, kv_heads, dim={dim}], got {tuple(keys.shape)}")
+    kv_heads = keys.shape[1]
+    if values.shape[:2] != (rows, kv_heads):
+        raise ValueError(f"values must be [rows={rows}, kv_heads={kv_heads}, value_dim], got {tuple(values.shape)}")
+    for name, tensor in (("cos", cos), ("sin", sin)):
+        if tensor.shape != (rows, dim):
+            raise ValueError(f"{name} must be [rows, dim] = {(rows, dim)}, got {tuple(tensor.shape)}")
+    if key_cache.dim() != 5 or key_cache.shape[1:3] != (rows, kv_heads) or key_cache.shape[4] != dim:
+        raise ValueError(f"key_cache must be [layers, rows={rows}, kv_heads={kv_heads}, capacity, dim={dim}], got "
+                         f"{tuple(key_cache.shape)}")
+    expected = (*key_cache.shape[:4], values.shape[2])
+    if value_cache.shape != expected:
+        raise ValueError(f"value_cache must be [layers, rows, kv_heads, capacity, value_dim] = {expected}, got "
+                         f"{tuple(value_cache.shape)}")
+    if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or not 0 <= layer < key_cache.shape[0]:
+        raise ValueError(f"layer must be an int in [0, {key_cache.shape[0]}), got {layer!r}")
+    if not isinstance(slots, torch.Tensor) or slots.shape != (rows,) or slots.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"slots must be an int32/int64 tensor [rows] = [{rows}] (each row's physical end), got "
+                         f"{slots.dtype if isinstance(slots, torch.Tensor) else type(slots).__name__} "
+                         f"{tuple(getattr(slots, 'shape', ()))}")
+    if slots.device != queries.device:
+        raise ValueError(f"slots is on {slots.device}, queries on {queries.device}: they must share a device")
+
+
+def check_silu_and_mul_args(gate: torch.Tensor, up: torch.Tensor) -> None:
+    _check_float("gate", gate)
+    _check_float("up", up)
+    _check_same(("gate", "up"), (gate, up), shape=True)
+    if gate.dim() < 1:
+        raise ValueError(f"gate must be [..., size], got shape {tuple(gate.shape)}")
