@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CompressionConfig
+from .config import CompressionConfig, check_int
 from .policy import KeepPlan, OverflowNotice, next_trigger, plan_compaction
 from .scorers.base import CacheView, ModelGeometry, Scorer, Step
 from .slots import SlotTable
@@ -272,14 +272,14 @@ class DenseCompressor:
         self._apply(torch.tensor(rows, device=device), KeepPlan(keep_index.to(device), keep_count, keep_count < 0))
 
     # ------------------------------------------------------------------ static decoding
-    def static_session(self, input_ids: torch.Tensor, pad_token_id: int) -> "StaticSession":
+    def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> "StaticSession":
         """Switch to fixed-shape one-token steps (see ``StaticSession``); ``input_ids`` ([rows, 1]) is the buffer the
         driving loop feeds each step."""
         if self.slots is None or self._pending is not None or self.session is not None:
             raise RuntimeError("a static session needs a prefilled cache, no step in progress and no other session")
         if self.scorer.needs_queries:
             raise ValueError(f"static decoding supports scorers that need no attention queries, not {self.scorer.name!r}")
-        self.session = StaticSession(self, input_ids, pad_token_id)
+        self.session = StaticSession(self, input_ids, pad_token_id, readback_every)
         return self.session
 
     # ------------------------------------------------------------------ internals
@@ -425,31 +425,44 @@ class DenseCompressor:
 class StaticSession:
     """Fixed-shape one-token decode steps over a prefilled ``DenseCompressor``, for a CUDA-graph-captured loop.
 
-    Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length),
-    ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer observation, device
-    lengths). Between steps ``advance`` does the host work: tracking of the fed tokens, compactions in place, stats.
-    Buffers only move on a capacity growth, after which the driver must capture again (``advance`` says so).
+    Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
+    the new slots), ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer
+    observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
+    every step: it knows how the lengths of active rows grow, so it only synchronises (``sync``: reads the logged
+    tokens, updates the tracker, compacts in place, records stats) when a row may reach its trigger or the token log
+    is full (``sync_due``). Buffers only move on a capacity growth, after which the driver captures again.
     """
 
-    def __init__(self, compressor: DenseCompressor, input_ids: torch.Tensor, pad_token_id: int) -> None:
+    def __init__(self, compressor: DenseCompressor, input_ids: torch.Tensor, pad_token_id: int,
+                 readback_every: int = 64) -> None:
         self.compressor = compressor
-        slots = compressor.slots
+        slots, tracker = compressor.slots, compressor.tracker
+        device, rows = slots.device, slots.rows
         self.pad_token_id = pad_token_id
-        rows = slots.rows
-        self.active = torch.tensor([not done for done in compressor.tracker.finished], device=slots.device)
+        self.readback_every = check_int("readback_every", readback_every, minimum=1)
+        self.active = torch.tensor([not done for done in tracker.finished], device=device)
+        self.eos_token_ids = torch.tensor(sorted(tracker.eos_token_ids), dtype=torch.long, device=device)
         self.step = Step(
             input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
-            positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=slots.device),
+            positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=device),
             stored=self.active.view(-1, 1).clone(), key_len=slots.physical_len + 1,
-            query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=slots.device),
+            query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=device),
         )
+        # Tokens fed since the last sync, one column per step (written inside the step at ``_log_position``).
+        self._log = torch.full((rows, self.readback_every), pad_token_id, dtype=torch.long, device=device)
+        self._log_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last sync
+        compressor._ensure_capacity(max(compressor._triggers))  # a row reaches its trigger between syncs
+        self._unsynced = 0
+        self._countdown = 0
+        self._plan_next_sync()
 
     def close(self) -> None:
         self.compressor.session = None
 
     def state_buffers(self) -> list[torch.Tensor]:
         """The device buffers a step changes (a driver that runs a warm-up step before capture restores them)."""
-        return [self.compressor.slots.physical_len, self.step.positions]
+        return [self.compressor.slots.physical_len, self.step.positions, self.active, self._log_position]
 
     # ------------------------------------------------------------------ device side (capturable)
     def lengths(self) -> torch.Tensor:
@@ -467,9 +480,11 @@ class StaticSession:
         return kv.keys[layer], kv.values[layer]
 
     def commit(self, hidden_states: torch.Tensor | None) -> None:
-        """End of a step: slot positions of the active rows, scorer observation, device lengths."""
+        """End of a step: slot positions of the active rows, scorer observation, device lengths, the fed tokens
+        logged; a row that was fed an EOS keeps it and is inactive from the next step on."""
         compressor, step, active = self.compressor, self.step, self.active
         slots = compressor.slots
+        fed = step.input_ids.view(-1)
         step.hidden_states = hidden_states if compressor.scorer.needs_hidden_states else None
         step.stored.copy_(active.view(-1, 1))
         step.query_count.copy_(active)
@@ -477,26 +492,56 @@ class StaticSession:
         compressor.scorer.on_step(step)
         slots.physical_len += active
         step.positions += 1
+        self._log.index_copy_(1, self._log_position, fed.view(-1, 1))
+        self._log_position += 1
+        active &= ~torch.isin(fed, self.eos_token_ids)
 
     # ------------------------------------------------------------------ host side
-    def advance(self, fed_tokens: list[list[int]]) -> tuple[bool, bool]:
-        """Host side of a step that fed ``fed_tokens`` ([rows, 1]; finished rows are fed the pad token).
+    @property
+    def unsynced_steps(self) -> int:
+        return self._unsynced
 
-        Returns (active rows changed: refresh the device mask, buffers grew: capture the step again)."""
+    def stepped(self) -> bool:
+        """Count a step the driver ran; True when the host must ``sync`` before the next one."""
+        self._unsynced += 1
+        return self._unsynced >= self._countdown
+
+    def sync(self) -> bool:
+        """Read the tokens fed since the last sync (one device synchronisation), track them, compact the rows that
+        reached their trigger, record stats. Returns True when the buffers grew (the driver must capture again)."""
         compressor = self.compressor
         slots, tracker = compressor.slots, compressor.tracker
-        before = list(tracker.finished)
-        plan = tracker.feed(1, fed_tokens, None)
-        for row, kept in enumerate(plan.stored):
-            slots.physical_len_host[row] += int(kept[0])
+        steps = self._unsynced
+        if not steps:
+            return False
+        logged = self._log[:, :steps].tolist()
+        self._log_position.zero_()
+        for offset in range(steps):
+            plan = tracker.feed(1, [[row[offset]] for row in logged], None)
+            for row, kept in enumerate(plan.stored):
+                slots.physical_len_host[row] += int(kept[0])
+                self.fed[row].append(logged[row][offset])
+            if offset < steps - 1:
+                compressor._record_stats()
         compressor.compact_full_rows()
         capacity = compressor.kv.capacity
-        compressor._ensure_capacity(compressor.max_physical_len + 1)
+        compressor._ensure_capacity(max(compressor._triggers))
         compressor._record_stats()
-        changed = tracker.finished != before
-        if changed:
-            self.active.copy_(torch.tensor([not done for done in tracker.finished]))
-        return changed, compressor.kv.capacity != capacity
+        self._unsynced = 0
+        self._plan_next_sync()
+        return compressor.kv.capacity != capacity
+
+    @property
+    def finished(self) -> bool:
+        """Every row finished (as of the last sync)."""
+        return all(self.compressor.tracker.finished)
+
+    def _plan_next_sync(self) -> None:
+        """Steps until a row still growing may reach its trigger, or the token log fills."""
+        compressor = self.compressor
+        lengths, finished = compressor.slots.physical_len_host, compressor.tracker.finished
+        room = [trigger - length for trigger, length, done in zip(compressor._triggers, lengths, finished) if not done]
+        self._countdown = max(1, min([self.readback_every, *room]))
 
 
 def _split_mask(

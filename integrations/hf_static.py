@@ -58,8 +58,8 @@ class StaticDecoder:
         self.lm_head = model.get_output_embeddings()
         self.use_cuda_graph = use_cuda_graph
         self._graph: torch.cuda.CUDAGraph | None = None
-        # Wall time of each decode step of the last generate call (host bookkeeping and compactions included;
-        # every step ends with a device synchronisation, so these are real step times).
+        # Wall time of each decode step of the last generate call: the host synchronises only every few steps, so
+        # each step gets the mean of the steps between two synchronisations (compactions and host work included).
         self.step_seconds: list[float] = []
 
     @torch.no_grad()
@@ -75,6 +75,7 @@ class StaticDecoder:
         pad_token_id: int = 0,
         eos_token_id: int | list[int] | None = None,
         generator: torch.Generator | None = None,
+        readback_every: int = 64,
         logits_callback: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """Prompt plus up to ``max_new_tokens`` tokens per row ([rows, prompt + new]); finished rows get padding.
@@ -82,6 +83,8 @@ class StaticDecoder:
         A row finishes after it emits one of ``eos_token_id`` (default: the cache's ``eos_token_id`` if it was given
         one, else the model's generation config; ``[]``: never).
 
+        ``readback_every``: the host reads the generated tokens back at most this many steps apart (and whenever a
+        compaction is due), so decoding runs ahead of the host in between.
         ``logits_callback`` receives each step's next-token logits ([rows, vocab], the step's own buffer: copy
         what you keep), the prefill's first.
         """
@@ -111,38 +114,47 @@ class StaticDecoder:
             logits_callback(self._logits)
         self._ids = self._choose(self._logits).view(batch, 1)
         self._position_ids = position_ids[:, -1:] + 1
-        tokens = [self._ids.clone()]
-        self._session = session = compressor.static_session(self._ids, pad_token_id)
+        self._session = session = compressor.static_session(self._ids, pad_token_id, readback_every)
         attn_config = self.model.config
         saved_attention = attn_config._attn_implementation
         attn_config._attn_implementation = ATTENTION_NAME
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else input_ids.is_cuda
         self.step_seconds = []
         try:
-            fed = self._ids.tolist()
+            # The host never waits for a step: it queues them and synchronises only when the session needs it
+            # (a compaction is due, or the token log is full), or when a logits callback wants each step's logits.
+            start = time.perf_counter()
             for _ in range(max_new_tokens - 1):
-                start = time.perf_counter()
                 if use_graph:
                     self._replay()
                 else:
                     self._step()
                 if logits_callback is not None:
                     logits_callback(self._logits)
-                changed, grew = session.advance(fed)
-                if changed:  # rows that just finished are fed padding from now on
-                    self._ids.masked_fill_(~session.active.view(-1, 1), pad_token_id)
-                if grew:
-                    self._graph = None  # the buffers moved: capture again
-                tokens.append(self._ids.clone())
-                fed = self._ids.tolist()
-                self.step_seconds.append(time.perf_counter() - start)
-                if not bool(session.active.any()):
-                    break
+                if session.stepped():
+                    steps = session.unsynced_steps
+                    if session.sync():
+                        self._graph = None  # the buffers moved: capture again
+                    now = time.perf_counter()
+                    self.step_seconds.extend([(now - start) / steps] * steps)
+                    start = now
+                    if session.finished:
+                        break
+            steps = session.unsynced_steps
+            session.sync()  # the steps since the last sync
+            if steps:
+                self.step_seconds.extend([(time.perf_counter() - start) / steps] * steps)
+            last = self._ids.view(-1).tolist()
         finally:
             attn_config._attn_implementation = saved_attention
             session.close()
             self._graph = None
-        return torch.cat([input_ids, *tokens], dim=1)
+        fed = [row + [token] for row, token in zip(session.fed, last)]
+        width = max(len(row) for row in fed)
+        new = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
+        for row, tokens in enumerate(fed):
+            new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+        return torch.cat([input_ids, new], dim=1)
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:
