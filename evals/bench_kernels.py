@@ -198,12 +198,15 @@ def bench_predictor(copy_bw: float, results: dict) -> None:
                                 weight_mb=weight_bytes / 1e6, gflop=flops / 1e9)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
+
+
+def run(args: argparse.Namespace) -> int:
+    from dynts.cli import UsageError
+
     if not torch.cuda.is_available():
-        raise SystemExit("bench_kernels needs a CUDA GPU")
+        raise UsageError("bench_kernels needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     results: dict = {"device": torch.cuda.get_device_name()}
     copy_bw = copy_bandwidth()
@@ -236,8 +239,12 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
     if failed:
-        raise SystemExit(f"{len(failed)} benchmark section(s) failed")
+        print(f"{len(failed)} benchmark section(s) failed (tracebacks above)")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    from dynts.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

@@ -5,9 +5,12 @@
 1. Accuracy: dynts's chunk / fused-recurrent KDA and GDN against the naive fp32 recurrence and against fla
    (``fla-core``, optional) on the same bf16 inputs: relative RMSE of outputs and final states.
 2. Prefill: chunk_kda and chunk_gated_delta_rule at 16k and 64k tokens by default (``--prefill-lengths``), 32 heads,
-   128x128 state, bf16, side by side with fla in the same process. Our first call at each length tunes the launch
-   shapes (``kernels/linear_attention/chunk.py``: every config of each kernel's space timed once per shape, untimed
-   here like fla's own autotuning); the configs chosen are logged (``prefill_tuned_launches``).
+   128x128 state, bf16, side by side with fla in the same process: the public op (``dynts_ms``, the stage-2 variant
+   it chose), each variant of ``kernels/linear_attention/chunk.py`` forced (outputs inside the sequential pass over
+   the chunks, or a state-only pass then a parallel output kernel), their ratio and each one's speed-up over fla.
+   Our first call at each length tunes the launch shapes (every config of each kernel's space timed once per shape)
+   and chooses the variant, untimed here like fla's own autotuning; the configs and variants chosen are logged
+   (``prefill_tuned_launches``).
 3. Decode step: fused_recurrent_kda, one token, 32 heads, 128x128 fp32 state, batch 1 and 20: wall-clock per call
    of back-to-back eager calls (what a Python decode loop pays) and per replay of a CUDA graph (GPU time).
 4. TPOT: decoder layers at Kimi-Linear width (hidden 2304; KDA 32 x 128; GQA attention 32 q / 8 kv heads x 128;
@@ -163,11 +166,23 @@ def prefill(results: dict, fla: dict | None, lengths: list[int], ops: list[str])
         for tokens in lengths:
             inputs = gated_inputs(per_channel, 1, tokens)
             kwargs = dict(output_final_state=True, use_qk_l2norm_in_kernel=True)
+            # The public op (the variant chosen for this shape; its first call, in the warm-up, chooses), then each
+            # variant forced, each with its own launch shapes tuned in its warm-up.
             ours = wall_ms(lambda: chunk(**inputs, **kwargs), calls=10, warmup=2)
             figures = {"dynts_ms": ours, "dynts_Mtok_s": tokens / ours / 1e3}
+            for variant in chunk_module.PREFILL_VARIANTS:
+                figures[f"{variant}_ms"] = wall_ms(
+                    lambda: chunk_module.chunk_delta_rule_triton(
+                        **inputs, scale=HEAD_DIM**-0.5, initial_state=None, cu_seqlens=None, per_channel=per_channel,
+                        variant=variant, **kwargs),
+                    calls=10, warmup=2)
+            figures["parallel_vs_sequential_speedup"] = (figures["sequential_outputs_ms"]
+                                                         / figures["parallel_outputs_ms"])
             if fla is not None:
                 theirs = wall_ms(lambda: fla[name][0](**inputs, **kwargs), calls=10, warmup=2)
                 figures.update(fla_ms=theirs, fla_Mtok_s=tokens / theirs / 1e3, speedup_vs_fla=theirs / ours)
+                for variant in chunk_module.PREFILL_VARIANTS:
+                    figures[f"{variant}_speedup_vs_fla"] = theirs / figures[f"{variant}_ms"]
             log(results, f"prefill_{name}_T{tokens}", figures)
             inputs = None  # free the inputs before the next, longer run
             torch.cuda.empty_cache()

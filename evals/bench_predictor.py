@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..cli import default_device, device_name, make_settings, positive_int
 from ..config import CompressionConfig
 from .bench_decode import SHAPES, Shape, build_model
 
@@ -67,29 +68,30 @@ def head_ms(head, batch: int, hidden_size: int, dtype: torch.dtype, device: torc
     return 1000 * (time.perf_counter() - start) / repeats
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynts.evals.bench_predictor", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="tiny", choices=list(BENCH_SHAPES))
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=256)
-    parser.add_argument("--budget", type=int, default=192)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--keep-ratio", type=float, default=0.3)
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions of each decode")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="tiny", choices=list(BENCH_SHAPES),
+                        help="architecture shape with random weights (bench_decode's shapes, plus cpu-medium)")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="rows decoded together")
+    parser.add_argument("--prompt-len", type=positive_int, default=16, help="random prompt tokens per row")
+    parser.add_argument("--new-tokens", type=positive_int, default=256, help="decoding steps (forced: EOS is ignored)")
+    parser.add_argument("--budget", type=int, default=192, help="compact a row when it holds this many tokens; > --window")
+    parser.add_argument("--window", type=int, default=64, help="most recent tokens always kept; >= 0")
+    parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens kept, in (0, 1]")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="interleaved repetitions of each decode")
+    parser.add_argument("--device", type=device_name, default=None, help="torch device (default: cuda if available, else cpu)")
 
+
+def run(args: argparse.Namespace) -> int:
     from ..predictor import ImportancePredictor, PredictorScorer
     from ..scorers import ExternalScorer
 
+    config = make_settings(CompressionConfig, budget=args.budget, window=args.window, keep_ratio=args.keep_ratio)
     shape = BENCH_SHAPES[args.model]
-    device = torch.device(args.device)
-    model = build_model(shape, args.device)
+    device = torch.device(args.device or default_device())
+    model = build_model(shape, str(device))
     if device.type == "cpu":
         model = model.float()  # bf16 matmuls are slow on CPU; the ratio is what matters
     dtype = next(model.parameters()).dtype
-    config = CompressionConfig(budget=args.budget, window=args.window, keep_ratio=args.keep_ratio)
     prompt = torch.randint(3, shape.vocab, (args.batch_size, args.prompt_len), device=device,
                            generator=torch.Generator(device=device).manual_seed(0))
     head = ImportancePredictor.for_model(model)
@@ -125,4 +127,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from dynts.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))

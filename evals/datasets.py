@@ -90,8 +90,8 @@ def load_samples(
 ) -> list[Sample]:
     """The first ``limit`` samples of dataset ``name`` (all of them if None).
 
-    data_dir:  folder of ``<name>.jsonl`` files (default: ``default_data_dir()``); a missing file falls back
-               to the HF hub through ``datasets``.
+    data_dir:  folder of ``<name>.jsonl`` files, which must hold the file; default: ``default_data_dir()``,
+               where a missing file falls back to the HF hub through ``datasets``.
     synthetic: a ``TaskConfig`` for ``synthetic`` (default: the task's default), drawn from the evaluation
                seed of the task; ``limit`` is then the number of problems (default 100).
     seed:      shuffles the choices of ``gpqa_d`` (the correct one's letter).
@@ -106,9 +106,11 @@ def load_samples(
         return _gpqa_samples(limit, seed)
     source = MATH_SOURCES[name]
     folder = Path(data_dir) if data_dir is not None else default_data_dir()
+    if data_dir is not None and not (folder / source.file).is_file():
+        # A folder named explicitly must hold the file: falling back to the hub would hide a typo.
+        raise ValueError(f"dataset {name!r}: {folder} has no {source.file}")
     if folder is not None and (folder / source.file).is_file():
-        with open(folder / source.file, encoding="utf-8") as handle:
-            records = [json.loads(line) for line in handle if line.strip()]
+        records = read_jsonl(folder / source.file)
         origin = str(folder / source.file)
     else:
         records = _hub_records(name, source.hub_path, source.hub_config, source.hub_split, folder, source.file)
@@ -118,7 +120,9 @@ def load_samples(
     for index, record in enumerate(records):
         question = next((record[key] for key in source.question_fields if record.get(key)), None)
         if question is None:
-            raise ValueError(f"{origin} record {index} has none of the question fields {source.question_fields}")
+            raise ValueError(f"{origin} record {index + 1} has none of the question fields {source.question_fields}")
+        if source.answer_field not in record:
+            raise ValueError(f"{origin} record {index + 1} has no answer field {source.answer_field!r}")
         reference = _plain(record[source.answer_field])
         if not reference:
             without_answer.append(index)
@@ -132,6 +136,24 @@ def load_samples(
         # gaokao2023en has two records with an empty answer: nothing to grade them against.
         warnings.warn(f"{origin}: skipped {len(without_answer)} record(s) without a reference answer: {without_answer}", stacklevel=2)
     return samples
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per non-empty line. A line that is not a JSON object raises
+    ValueError naming the file and the line (``path:line: ...``)."""
+    records = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.rstrip("\r\n"))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+            records.append(record)
+    return records
 
 
 def _hub_records(name: str, path: str, config: str | None, split: str, folder: Path | None, file: str) -> list[dict]:

@@ -32,6 +32,10 @@ from typing import Any
 
 import torch
 
+from ..cli import (
+    BUNDLED, UsageError, add_model_arguments, chat_template_choice, check_predictor_fits, existing_folder, load_model,
+    load_tokenizer, make_settings, model_label, non_negative_int, positive_int, read_predictor, shipped_predictor,
+)
 from .datasets import DATASETS, Sample, load_samples
 from .grading import get_grader, majority_answer
 
@@ -246,15 +250,17 @@ def generate_batch(
     if cache is not None:
         stats = cache.stats
         record.update(
-            evictions=stats.evictions,
+            compactions=stats.compactions,
+            mean_resident_tokens=stats.mean_resident_tokens,
+            peak_resident_tokens=stats.peak_resident_tokens,
             scoring_seconds=stats.scoring_seconds,
             eviction_seconds=stats.eviction_seconds,
             cache_peak_resident_kv_bytes=stats.peak_resident_kv_bytes,
-            step_physical_len=[sum(lengths) for lengths in stats.physical_len_history],
+            step_physical_len=[sum(lengths) for lengths in stats.history],
         )
         if device.type != "cuda":
-            per_token = cache.compressor.storage.bytes_per_token
-            # physical_len_history has one entry per forward pass, and each pass yields one decoding step.
+            per_token = cache.compressor.kv.bytes_per_token
+            # stats.history has one entry per forward pass, and each pass yields one decoding step.
             record["step_kv_bytes"] = [total * per_token for total in record["step_physical_len"]]
             record["peak_kv_bytes"] = stats.peak_resident_kv_bytes
         cache.detach()
@@ -313,7 +319,7 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
         "finished_rate": statistics.mean(r["finished"] for r in rows),
     }
     if setting.method != FULL:
-        summary["evictions"] = sum(b.get("evictions", 0) for b in batches)
+        summary["compactions"] = sum(b.get("compactions", 0) for b in batches)
         summary["eviction_seconds"] = sum(b.get("eviction_seconds", 0.0) for b in batches)
         summary["scoring_seconds"] = sum(b.get("scoring_seconds", 0.0) for b in batches)
     return summary
@@ -393,14 +399,14 @@ def _write(out_file: Any, record: dict[str, Any]) -> None:
 
 def format_table(summaries: Iterable[dict[str, Any]]) -> str:
     """A plain-text table of summaries, one row per (method, budget)."""
-    header = ["method", "budget", "pass@1", "maj", "tok/s", "ms/step", "peak KV MB", "evictions"]
+    header = ["method", "budget", "pass@1", "maj", "tok/s", "ms/step", "peak KV MB", "compactions"]
     lines = [header]
     for s in summaries:
         majority = next(value for key, value in s.items() if key.startswith("maj@"))
         lines.append([
             s["method"], "-" if s["budget"] is None else str(s["budget"]), f"{s['pass@1']:.3f}", f"{majority:.3f}",
             f"{s['tokens_per_second']:.0f}", f"{s['ms_per_step']:.1f}", f"{s['peak_kv_bytes'] / 1e6:.2f}",
-            str(s.get("evictions", "-")),
+            str(s.get("compactions", "-")),
         ])
     widths = [max(len(row[column]) for row in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in lines]
@@ -414,161 +420,244 @@ def format_table(summaries: Iterable[dict[str, Any]]) -> str:
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from error
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of ints") from None
     if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{text}: every budget must be an int >= 1")
     return values
 
 
 def _fraction_list(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from error
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers") from None
     if not values or not all(0 < value <= 1 for value in values):
-        raise argparse.ArgumentTypeError(f"fractions must be in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"{text}: every fraction must be in (0, 1]")
     return values
 
 
 def _step_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     if not (low.isdigit() and (high or low).isdigit()):
-        raise argparse.ArgumentTypeError(f"expected N or LOW-HIGH, got {text!r}")
+        raise argparse.ArgumentTypeError(f"{text!r} is not N or LOW-HIGH")
     return int(low), int(high or low)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default="bundled", help="path of a local HF causal LM, or 'bundled' (the tiny reasoner)")
-    parser.add_argument("--dataset", default="synthetic", choices=DATASETS)
-    parser.add_argument("--limit", type=int, default=None, help="first N problems (synthetic: N problems, default 100)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="folder of <dataset>.jsonl files (default: $DYNTS_DATA_DIR)")
-    parser.add_argument("--synthetic-steps", type=_step_range, default=None, help="synthetic: steps N or LOW-HIGH")
-    parser.add_argument("--synthetic-saves", type=int, default=None, help="synthetic: needed facts (saves)")
-    parser.add_argument("--synthetic-noise", type=int, default=None, help="synthetic: distractor level")
+    add_model_arguments(parser, default=BUNDLED)
+    parser.add_argument("--dataset", default="synthetic", choices=DATASETS, help="benchmark to evaluate on")
+    parser.add_argument("--limit", type=positive_int, default=None,
+                        help="first N problems (synthetic: N problems; default 100 there, all elsewhere)")
+    parser.add_argument("--data-dir", type=existing_folder, default=None,
+                        help="folder of <dataset>.jsonl files (default: $DYNTS_DATA_DIR, else the HF hub)")
+    parser.add_argument("--synthetic-steps", type=_step_range, default=None,
+                        help="synthetic: machine steps per problem, N or LOW-HIGH (default: the task's 36-44)")
+    parser.add_argument("--synthetic-saves", type=positive_int, default=None,
+                        help="synthetic: saved values the answer needs (default: the task's 6)")
+    parser.add_argument("--synthetic-noise", type=non_negative_int, default=None,
+                        help="synthetic: distractor level (default: the task's 3)")
     parser.add_argument("--methods", default=None,
-                        help=f"comma-separated, from {all_methods()} (default: full, every attention scorer, and dynts "
-                             "when --predictor is given; oracle only on synthetic)")
-    parser.add_argument("--predictor", type=Path, default=None, help="trained importance predictor for method 'dynts'")
+                        help=f"comma-separated, from {', '.join(all_methods())} (default: full, every attention "
+                             "scorer, dynts when a predictor is given or shipped with the model, and oracle on synthetic)")
+    parser.add_argument("--predictor", type=Path, default=None,
+                        help="trained importance predictor for method dynts (default: the shipped head when --model "
+                             "is bundled)")
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument("--budget", type=_int_list, default=None, help="KV budgets in tokens, comma-separated")
     budgets.add_argument("--budget-fraction", type=_fraction_list, default=None,
-                         help="budgets as fractions of the mean thinking length (synthetic: of the reference traces; "
-                              "else: of the full cache's outputs, so 'full' must be among the methods)")
-    parser.add_argument("--window", type=int, default=None,
+                         help="budgets as fractions of the mean thinking length, comma-separated. synthetic: of the "
+                              "reference traces, so every budget is checked before the model loads; other datasets: "
+                              "of the full cache's outputs (method full must run), so the budgets are known and "
+                              "checked against --window only after the full-cache run (up front: --window against "
+                              "the largest budget the smallest fraction can give)")
+    parser.add_argument("--window", type=non_negative_int, default=None,
                         help="recent tokens always kept (default: 64 on synthetic, budget // 3 otherwise)")
-    parser.add_argument("--keep-ratio", type=float, default=0.3)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: 16384 (synthetic: from the problems)")
-    parser.add_argument("--do-sample", action="store_true")
-    parser.add_argument("--temperature", type=float, default=0.6)
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--samples", type=int, default=1, help="samples per problem (needs --do-sample when > 1)")
+    parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens a compaction keeps, in (0, 1]")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
+                        help="generated tokens per answer at most (default: 16384; synthetic: the longest reference + 64)")
+    parser.add_argument("--do-sample", action="store_true", help="sample (with the settings below) instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=0.6, help="sampling temperature (with --do-sample)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling share (with --do-sample)")
+    parser.add_argument("--top-k", type=int, default=20, help="sample among the k likeliest tokens; 0 = all (with --do-sample)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per problem, for pass@k and maj@k (> 1 needs --do-sample)")
     parser.add_argument("--batch-size", type=int, default=8, help="rows per generate call")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the order of gpqa_d's choices)")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the tokenizer's chat template (default: when it has one; never on synthetic)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                        help="default: bfloat16 on cuda, float32 on cpu")
-    parser.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for results.jsonl and plots")
-    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--save-completions", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for results.jsonl and the plots")
+    parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the plots")
+    parser.add_argument("--save-completions", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep every generated text in results.jsonl")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
 
 
-def load_model(name: str, device: str | None, dtype: str | None) -> tuple[Any, Any]:
-    """A local HF causal LM and its tokenizer (``bundled``: the package's tiny reasoner), in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .synthetic_task import bundled_reasoner_path
-
-    path = bundled_reasoner_path() if name == "bundled" else Path(name)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {name!r}: no such local model folder ({path}); pass a path or 'bundled'")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model, tokenizer
-
-
-def load_predictor(path: Path | None, model: Any) -> Any:
-    """A factory of predictor scorers for method 'dynts' (one fresh scorer per cache), or None without a path."""
-    if path is None:
-        return None
-    from dynts.predictor import ImportancePredictor, PredictorScorer
-
-    head = ImportancePredictor.load(path, model=model)  # refuses a head trained for another model
-    return lambda: PredictorScorer(head, model=model)
+def resolve_methods(text: str | None, predictor: Path | None, model: Path, dataset: str) -> tuple[list[str], Path | None]:
+    """--methods (None: every method that can run) and the predictor head for method dynts (--predictor, else the
+    head shipped with the bundled model; None when dynts does not run)."""
+    head = predictor if predictor is not None else shipped_predictor(model)
+    if text is None:
+        methods = [FULL, *attention_methods()] + ([DYNTS] if head is not None else [])
+        methods += [ORACLE] if dataset == "synthetic" else []
+    else:
+        methods = [method.strip() for method in text.split(",") if method.strip()]
+        unknown = [method for method in methods if method not in all_methods()]
+        if unknown or not methods:
+            raise UsageError(f"--methods {text}: unknown {', '.join(unknown) or '(empty)'}; allowed: {', '.join(all_methods())}")
+    if ORACLE in methods and dataset != "synthetic":
+        raise UsageError(f"--methods {text}: oracle exists only for --dataset synthetic (it knows the task)")
+    if DYNTS in methods and head is None:
+        raise UsageError(f"--methods {text}: dynts needs --predictor PATH (a head from `dynts train-predictor`)")
+    if predictor is not None and DYNTS not in methods:
+        raise UsageError(f"--predictor is only used by method dynts, which --methods {text} leaves out")
+    return methods, head if DYNTS in methods else None
 
 
-def resolve_settings(args: argparse.Namespace, samples: list[Sample], methods: list[str]) -> tuple[list[Setting], list[float] | None]:
-    """Settings in run order: the full cache first (its lengths size fractional budgets), then each method x budget."""
+def default_window(args: argparse.Namespace, budget: int) -> int:
+    if args.window is not None:
+        return args.window
+    return 64 if args.dataset == "synthetic" else max(1, budget // 3)
+
+
+def compressed_settings(args: argparse.Namespace, methods: list[str], budgets: dict[int, str]) -> list[Setting]:
+    """One setting per compressed method and budget, each checked by CompressionConfig. ``budgets`` maps each
+    budget to where it came from, said in the error ("" for a budget given as such)."""
+    from dynts import CompressionConfig
+
+    settings = []
+    for budget, origin in budgets.items():
+        window = default_window(args, budget)
+        try:
+            make_settings(CompressionConfig, names={"budget": "the budget"} if origin else None, budget=budget,
+                          window=window, keep_ratio=args.keep_ratio)
+        except UsageError as error:
+            raise UsageError(f"{origin}: {error}" if origin else str(error)) from error
+        settings += [Setting(method, budget, window, args.keep_ratio) for method in methods if method != FULL]
+    return settings
+
+
+def check_scorers(settings: list[Setting], tokenizer: Any, synthetic: bool) -> None:
+    """Each compressed setting's scorer accepts its settings (e.g. SnapKV's observation window fits inside the
+    window): checked with the tokenizer alone, before the model loads."""
+    from dynts import CompressionConfig
+
+    checked = set()
+    for setting in settings:
+        if setting.method in (FULL, DYNTS) or (setting.method, setting.window) in checked:
+            continue
+        checked.add((setting.method, setting.window))
+        config = CompressionConfig(budget=setting.budget, window=setting.window, keep_ratio=setting.keep_ratio)
+        try:
+            scorer_factory(setting.method, tokenizer, None, synthetic)().validate(config)
+        except ValueError as error:
+            raise UsageError(f"method {setting.method} with --window {setting.window}: {error}") from error
+
+
+def fraction_budgets(args: argparse.Namespace, mean_trace: float) -> dict[int, str]:
+    """--budget-fraction -> {budget: origin}, budgets of at least 2 tokens."""
+    budgets = {}
+    for fraction in args.budget_fraction:
+        budget = max(2, round(fraction * mean_trace))
+        budgets.setdefault(budget, f"--budget-fraction {fraction:g} gives budget {budget} ({fraction:g} x {mean_trace:.0f} thinking tokens)")
+    return budgets
+
+
+def resolve_settings(args: argparse.Namespace, samples: list[Sample], methods: list[str],
+                     max_new_tokens: int) -> tuple[list[Setting], float | None]:
+    """Settings in run order (the full cache first: on real datasets its outputs size --budget-fraction budgets)
+    and the mean thinking length when it is known before any run (synthetic: the reference traces). On a real
+    dataset with --budget-fraction only the full cache's setting is returned; ``fraction_budgets`` follows its run."""
     compressed = [method for method in methods if method != FULL]
     settings = [Setting(FULL)] if FULL in methods else []
     if compressed and args.budget is None and args.budget_fraction is None:
-        raise ValueError("compressed methods need --budget or --budget-fraction")
-    if args.budget_fraction is not None:
-        if args.dataset != "synthetic" and FULL not in methods:
-            raise ValueError("--budget-fraction on a real dataset needs 'full' among the methods (it sizes the budgets)")
-        return settings, args.budget_fraction
-    for budget in args.budget or []:
-        window = args.window if args.window is not None else (64 if args.dataset == "synthetic" else max(1, budget // 3))
-        settings += [Setting(method, budget, window, args.keep_ratio) for method in compressed]
+        raise UsageError(f"methods {', '.join(compressed)} need --budget or --budget-fraction")
+    if not compressed and (args.budget or args.budget_fraction):
+        raise UsageError("--budget / --budget-fraction are only used by compressed methods; --methods has none")
+    if args.budget is not None:
+        return settings + compressed_settings(args, methods, dict.fromkeys(args.budget, "")), None
+    if args.budget_fraction is None:
+        return settings, None
+    if args.dataset == "synthetic":
+        mean_trace = statistics.mean(sample.meta["trace_length"] for sample in samples)
+        return settings + compressed_settings(args, methods, fraction_budgets(args, mean_trace)), mean_trace
+    if FULL not in methods:
+        raise UsageError("--budget-fraction on a real dataset needs method full (its outputs size the budgets)")
+    # The largest budget the smallest fraction can give: every output max_new_tokens long.
+    largest = max(2, round(min(args.budget_fraction) * max_new_tokens))
+    if args.window is not None and largest <= args.window:
+        raise UsageError(f"--budget-fraction {min(args.budget_fraction):g} gives at most {largest} tokens (outputs of "
+                         f"--max-new-tokens {max_new_tokens}), not above --window {args.window}")
     return settings, None
 
 
-def run(args: argparse.Namespace) -> int:
-    methods = args.methods.split(",") if args.methods else [FULL, *attention_methods()] + ([DYNTS] if args.predictor else [])
-    unknown = [method for method in methods if method not in all_methods()]
-    if unknown:
-        raise SystemExit(f"--methods: unknown {unknown}; allowed: {all_methods()}")
-    if ORACLE in methods and args.dataset != "synthetic":
-        raise SystemExit("--methods: 'oracle' exists only for the synthetic dataset")
+def load_eval_samples(args: argparse.Namespace) -> list[Sample]:
+    """The dataset's problems; a bad file, field or task setting is a UsageError."""
     synthetic = None
     if args.dataset == "synthetic":
         from .synthetic_task import TaskConfig
 
         defaults = TaskConfig()
-        synthetic = TaskConfig(
-            steps=args.synthetic_steps or defaults.steps,
-            saves=args.synthetic_saves or defaults.saves,
-            noise=defaults.noise if args.synthetic_noise is None else args.synthetic_noise,
-        )
-    samples = load_samples(args.dataset, data_dir=args.data_dir, limit=args.limit, synthetic=synthetic, seed=args.seed)
-    model, tokenizer = load_model(args.model, args.device, args.dtype)
-    predictor = load_predictor(args.predictor, model)
-    chat_template = bool(getattr(tokenizer, "chat_template", None)) if args.chat_template is None else args.chat_template
-    if args.dataset == "synthetic":
-        chat_template = False
+        try:
+            synthetic = TaskConfig(
+                steps=args.synthetic_steps or defaults.steps, saves=args.synthetic_saves or defaults.saves,
+                noise=defaults.noise if args.synthetic_noise is None else args.synthetic_noise,
+            )
+        except ValueError as error:
+            raise UsageError(f"--synthetic-steps / --synthetic-saves / --synthetic-noise: {error}") from error
+    try:
+        return load_samples(args.dataset, data_dir=args.data_dir, limit=args.limit, synthetic=synthetic, seed=args.seed)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise UsageError(f"--dataset {args.dataset}: {error}") from error
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything is checked before the model loads: methods, predictor, problems, sampling, budgets, output folder.
+    methods, predictor_path = resolve_methods(args.methods, args.predictor, args.model, args.dataset)
+    samples = load_eval_samples(args)
+    synthetic = args.dataset == "synthetic"
     max_new_tokens = args.max_new_tokens or (
-        max(sample.meta["completion_tokens"] for sample in samples) + 64 if args.dataset == "synthetic" else 16384
+        max(sample.meta["completion_tokens"] for sample in samples) + 64 if synthetic else 16384
     )
-    sampling = Sampling(
-        max_new_tokens=max_new_tokens, do_sample=args.do_sample, temperature=args.temperature, top_p=args.top_p,
-        top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+    sampling = make_settings(
+        Sampling, max_new_tokens=max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
     )
-    settings, fractions = resolve_settings(args, samples, methods)
-    args.out.mkdir(parents=True, exist_ok=True)
+    settings, mean_trace = resolve_settings(args, samples, methods, max_new_tokens)
+    head = identity = None
+    if predictor_path is not None:
+        head, identity = read_predictor(predictor_path, args.model)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {args.out}: {error}") from error
+    tokenizer = load_tokenizer(args.model)
+    chat_template = False if synthetic else chat_template_choice(tokenizer, args.chat_template)
+    check_scorers(settings, tokenizer, synthetic)
+
+    model, tokenizer = load_model(args.model, args.device, args.dtype, tokenizer=tokenizer)
+    predictor = None
+    if head is not None:
+        from dynts.predictor import PredictorScorer
+
+        check_predictor_fits(identity, model, predictor_path)
+
+        def predictor() -> PredictorScorer:  # a cache binds its scorer: one fresh scorer per cache
+            return PredictorScorer(head, model=model)
     results_path = args.out / "results.jsonl"
     common = dict(dataset=args.dataset, chat_template=chat_template, predictor=predictor, progress=args.progress,
                   save_completions=args.save_completions)
     with open(results_path, "w") as out_file:
+        _write(out_file, run_record(args.model, args.dataset, samples, methods, args.window, args.keep_ratio, mean_trace))
         summaries = evaluate(model, tokenizer, samples, settings, sampling, out_file=out_file, **common) if settings else []
-        if fractions is not None:
-            mean_trace = mean_thinking_tokens(samples, results_path)
-            compressed = []
-            for fraction in fractions:
-                budget = max(2, round(fraction * mean_trace))
-                window = args.window if args.window is not None else (64 if args.dataset == "synthetic" else max(1, budget // 3))
-                if budget <= window:
-                    raise SystemExit(f"--budget-fraction {fraction}: budget {budget} is not above the window {window}; lower --window")
-                compressed += [Setting(m, budget, window, args.keep_ratio) for m in methods if m != FULL]
+        if args.budget_fraction is not None and not synthetic:
+            mean_trace = mean_full_cache_tokens(results_path)
+            try:
+                compressed = compressed_settings(args, methods, fraction_budgets(args, mean_trace))
+                check_scorers(compressed, tokenizer, synthetic)
+            except UsageError as error:
+                raise UsageError(f"{error} (the full-cache results are in {results_path})") from error
             print(f"mean thinking length {mean_trace:.0f} tokens -> budgets {sorted({s.budget for s in compressed})}")
+            _write(out_file, run_record(args.model, args.dataset, samples, methods, args.window, args.keep_ratio, mean_trace))
             summaries += evaluate(model, tokenizer, samples, compressed, sampling, out_file=out_file, **common)
     print(format_table(summaries))
     print(f"results: {results_path}")
@@ -580,10 +669,20 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def mean_thinking_tokens(samples: list[Sample], results_path: Path) -> float:
-    """Mean thinking length: the reference traces on synthetic, else the full cache's generated tokens."""
-    if samples[0].grader == "synthetic":
-        return statistics.mean(sample.meta["trace_length"] for sample in samples)
+def run_record(model: Path, dataset: str, samples: list[Sample], methods: list[str], window: int | None,
+               keep_ratio: float, trace_tokens: float | None) -> dict[str, Any]:
+    """The record opening results.jsonl: what ran, for the plots' titles. ``trace_tokens``: the length budget
+    fractions refer to (None until known)."""
+    return {
+        "type": "run", "model": model_label(model), "dataset": dataset, "problems": len(samples), "methods": methods,
+        "window": window, "keep_ratio": keep_ratio, "trace_tokens": trace_tokens,
+        "trace_tokens_source": "reference traces" if dataset == "synthetic" else "full-cache outputs",
+    }
+
+
+def mean_full_cache_tokens(results_path: Path) -> float:
+    """Mean generated length of the full cache's samples in ``results_path`` (sizes --budget-fraction budgets on
+    real datasets, whose thinking length is known only from running)."""
     lengths = []
     with open(results_path) as handle:
         for line in handle:

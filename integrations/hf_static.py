@@ -12,6 +12,11 @@ implementation for the duration of the call), the scorer observes the step on th
 chosen on the device. Host work (end-of-thinking and EOS tracking, compaction, stats) runs between replays and
 changes the buffers only in place, so the captured graph stays valid; a capacity growth re-captures it.
 
+Two implementations of a step compute the same thing: HF's own modules with the ``dynts_decode`` attention, or,
+for Llama, Mistral, Qwen2 and Qwen3, ``FusedDecodeStep`` (``hf_fused_step.py``: a dozen fused launches per layer
+instead of ~50 small kernels). ``StaticDecoder(..., fused=None)`` picks the fused step when the model supports it;
+``decoder.fused`` says which one runs.
+
 Greedy decoding, or sampling with temperature and top-p. Scorers that need attention queries are not supported
 here (use the HF ``generate`` path for them).
 """
@@ -29,6 +34,7 @@ from transformers import AttentionInterface
 from .. import kernels
 from ..modeling import decoder_module
 from .hf import DynTSCache
+from .hf_fused_step import FusedDecodeStep, fused_step_unsupported
 
 ATTENTION_NAME = "dynts_decode"
 
@@ -48,19 +54,36 @@ AttentionInterface.register(ATTENTION_NAME, _decode_attention)
 
 
 class StaticDecoder:
-    """Drives ``model`` + ``cache`` through fixed-shape decode steps (a CUDA graph on GPU, eager elsewhere)."""
+    """Drives ``model`` + ``cache`` through fixed-shape decode steps (a CUDA graph on GPU, eager elsewhere).
 
-    def __init__(self, model: nn.Module, cache: DynTSCache, *, use_cuda_graph: bool | None = None) -> None:
+    ``fused``: run each step as ``FusedDecodeStep`` (True: an error if the model does not support it), through HF's
+    modules (False), or the fused step whenever the model supports it (None). ``self.fused`` is the choice made.
+    """
+
+    def __init__(self, model: nn.Module, cache: DynTSCache, *, use_cuda_graph: bool | None = None,
+                 fused: bool | None = None) -> None:
         if not isinstance(cache, DynTSCache):
             raise TypeError(f"cache must be a DynTSCache, got {type(cache).__name__}")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"fused must be True, False or None (the fused step when supported), got {fused!r}")
         self.model, self.cache = model, cache
         self.decoder = decoder_module(model)
         self.lm_head = model.get_output_embeddings()
         self.use_cuda_graph = use_cuda_graph
+        unsupported = fused_step_unsupported(model, len(cache.storage_layer_of))
+        if fused and unsupported is not None:
+            raise ValueError(f"fused=True: the fused decode step does not support this model: {unsupported}")
+        self.fused = unsupported is None if fused is None else fused
+        self._fused_step: FusedDecodeStep | None = None
         self._graph: torch.cuda.CUDAGraph | None = None
         # Wall time of each decode step of the last generate call: the host synchronises only every few steps, so
         # each step gets the mean of the steps between two synchronisations (compactions and host work included).
         self.step_seconds: list[float] = []
+        # Steps between two host synchronisations, in order (they add up to len(step_seconds)); a compaction runs in
+        # the synchronisation that ends its interval. sync_seconds: the host time of each of those synchronisations
+        # once the device has run the interval's steps (token bookkeeping, compaction, stats), part of the interval.
+        self.sync_intervals: list[int] = []
+        self.sync_seconds: list[float] = []
 
     @torch.no_grad()
     def generate(
@@ -119,10 +142,30 @@ class StaticDecoder:
         saved_attention = attn_config._attn_implementation
         attn_config._attn_implementation = ATTENTION_NAME
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else input_ids.is_cuda
-        self.step_seconds = []
+        self.step_seconds, self.sync_intervals, self.sync_seconds = [], [], []
+
+        def synchronise() -> bool:
+            """The session's sync after the steps queued since the last one; records their times. True when the
+            buffers moved (the graph must be captured again)."""
+            nonlocal start
+            steps = session.unsynced_steps
+            if input_ids.is_cuda:
+                torch.cuda.current_stream(input_ids.device).synchronize()  # the sync would wait for them anyway
+            drained = time.perf_counter()
+            moved = session.sync()
+            now = time.perf_counter()
+            if steps:
+                self.step_seconds.extend([(now - start) / steps] * steps)
+                self.sync_intervals.append(steps)
+                self.sync_seconds.append(now - drained)
+            start = now
+            return moved
+
         try:
+            # Built per call (the QKV concatenation is a copy), so weights changed between calls are seen.
+            self._fused_step = FusedDecodeStep(self.model, self.cache.storage_layer_of) if self.fused else None
             # The host never waits for a step: it queues them and synchronises only when the session needs it
-            # (a compaction is due, or the token log is full), or when a logits callback wants each step's logits.
+            # (a compaction is due, or the token log is full).
             start = time.perf_counter()
             for _ in range(max_new_tokens - 1):
                 if use_graph:
@@ -132,28 +175,25 @@ class StaticDecoder:
                 if logits_callback is not None:
                     logits_callback(self._logits)
                 if session.stepped():
-                    steps = session.unsynced_steps
-                    if session.sync():
+                    if synchronise():
                         self._graph = None  # the buffers moved: capture again
-                    now = time.perf_counter()
-                    self.step_seconds.extend([(now - start) / steps] * steps)
-                    start = now
                     if session.finished:
                         break
-            steps = session.unsynced_steps
-            session.sync()  # the steps since the last sync
-            if steps:
-                self.step_seconds.extend([(time.perf_counter() - start) / steps] * steps)
+            synchronise()  # the steps since the last sync
             last = self._ids.view(-1).tolist()
         finally:
             attn_config._attn_implementation = saved_attention
             session.close()
             self._graph = None
+            self._fused_step = None
         fed = [row + [token] for row, token in zip(session.fed, last)]
-        width = max(len(row) for row in fed)
+        # The host learns that every row finished only at a sync, so up to readback_every - 1 steps may have run
+        # after that (feeding padding): the result ends where the last row to finish emitted its EOS, as generate's.
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        width = max(next((index + 1 for index, token in enumerate(row) if token in eos), len(row)) for row in fed)
         new = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
         for row, tokens in enumerate(fed):
-            new[row, : len(tokens)] = torch.tensor(tokens, dtype=input_ids.dtype)
+            new[row, : min(len(tokens), width)] = torch.tensor(tokens[:width], dtype=input_ids.dtype)
         return torch.cat([input_ids, new], dim=1)
 
     # ------------------------------------------------------------------ one step
@@ -161,8 +201,13 @@ class StaticDecoder:
         """Feed ``_ids`` at ``_position_ids``; leaves the next tokens in ``_ids`` (device work only)."""
         session = self._session
         lengths = session.lengths()
-        hidden = self.decoder(input_ids=self._ids, position_ids=self._position_ids, past_key_values=self.cache,
-                              use_cache=True, dynts_lengths=lengths).last_hidden_state
+        if self._fused_step is None:
+            hidden = self.decoder(input_ids=self._ids, position_ids=self._position_ids, past_key_values=self.cache,
+                                  use_cache=True, dynts_lengths=lengths).last_hidden_state
+        else:  # the same buffers: K/V into the storage at each row's physical end, attention up to ``lengths``
+            storage = session.compressor.kv
+            hidden = self._fused_step(self._ids, self._position_ids, storage.keys, storage.values,
+                                      session.step.slots.view(-1), lengths)
         session.commit(hidden)
         self._logits = self.lm_head(hidden[:, -1])  # under capture: the graph's output buffer, refreshed by replays
         chosen = self._choose(self._logits).view(-1, 1)

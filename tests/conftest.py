@@ -32,7 +32,7 @@ def device(request: pytest.FixtureRequest) -> str:
         pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1 (the default only when no CUDA device is present)")
     if request.param == "cuda":
         if not torch.cuda.is_available():
-            pytest.skip("needs a CUDA GPU: runs on the GPU machine (device tool)")
+            pytest.skip("needs a CUDA GPU")
         if INTERPRETING:
             pytest.skip("TRITON_INTERPRET=1 is set: the compiled CUDA run needs it unset")
     return request.param

@@ -1,4 +1,5 @@
-"""The fast path (StaticDecoder: fixed-shape steps, CUDA graph on GPU) against the plain DynTSCache generate path."""
+"""The fast path (StaticDecoder: fixed-shape steps, CUDA graph on GPU), through HF's modules and through the fused
+step, against the plain DynTSCache generate path (HF's modules, sdpa, no static session)."""
 
 from __future__ import annotations
 
@@ -6,15 +7,16 @@ import pytest
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from dynts import CompressionConfig, DynTSCache
+from dynts import CompressionConfig, DynTSCache, kernels
+from dynts.integrations.hf_fused_step import FusedDecodeStep
 from dynts.integrations.hf_static import StaticDecoder
 from dynts.scorers import ExternalScorer
-from tiny_models import left_padded_batch, tiny_model
+from tiny_models import ARCHITECTURES, left_padded_batch, tiny_model
 
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                   reason="CUDA not available: the CUDA-graph + Triton path runs on the GPU machine")),
+                                                   reason="needs a CUDA GPU (the CUDA-graph + Triton path)")),
 ]
 
 
@@ -24,10 +26,17 @@ def _scorer(model) -> ExternalScorer:
     return ExternalScorer(lambda hidden, ids: hidden.float() @ direction)
 
 
-def _models(device: str, dtype: torch.dtype):
-    model = tiny_model("llama", "sdpa", layers=2).to(device=device, dtype=dtype)
+def _models(device: str, dtype: torch.dtype, arch: str = "llama"):
+    model = tiny_model(arch, "sdpa", layers=2)
+    # Norm weights start at 1 and biases at 0: make them matter, so that a step that skipped one would differ.
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("norm.weight", "bias")):
+                parameter.copy_(1 + 0.3 * torch.randn(parameter.shape, generator=generator) if name.endswith("weight")
+                                else 0.3 * torch.randn(parameter.shape, generator=generator))
     ids, mask = left_padded_batch([19, 7, 12], seed=2)
-    return model, ids.to(device), mask.to(device)
+    return model.to(device=device, dtype=dtype), ids.to(device), mask.to(device)
 
 
 class _Logits(LogitsProcessor):
@@ -40,25 +49,37 @@ class _Logits(LogitsProcessor):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_static_path_matches_plain_path_greedy_fp32(device: str) -> None:
-    model, ids, mask = _models(device, torch.float32)
+@pytest.mark.parametrize("arch, fused", [("llama", False), *((arch, True) for arch in ARCHITECTURES)])
+def test_static_path_matches_plain_path_greedy_fp32(device: str, arch: str, fused: bool) -> None:
+    model, ids, mask = _models(device, torch.float32, arch)
     config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(5,))
     new_tokens = 90
     plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=new_tokens,
                            do_sample=False, eos_token_id=2, pad_token_id=0)
     fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
-    fast = StaticDecoder(model, fast_cache).generate(ids, attention_mask=mask, max_new_tokens=new_tokens)
+    decoder = StaticDecoder(model, fast_cache, fused=fused)
+    fast = decoder.generate(ids, attention_mask=mask, max_new_tokens=new_tokens)
+    assert decoder.fused is fused
     assert plain_cache.stats.compactions >= 6
-    assert torch.equal(fast[:, : plain.shape[1]], plain)
-    assert list(fast_cache.stats.history) == list(plain_cache.stats.history)
+    assert torch.equal(fast, plain)
+    # generate stops when the last row emits EOS; the host learns it at its next sync, so the static path runs on
+    # until then: the first of those steps stores that EOS (rows finished earlier stored theirs, on both paths),
+    # and nothing grows after it.
+    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
+    assert fast_history[: len(plain_history)] == plain_history
+    for lengths in fast_history[len(plain_history):]:
+        assert lengths == fast_history[len(plain_history)]
+        assert all(0 <= after - before <= 1 for after, before in zip(lengths, plain_history[-1]))
     for layer in range(2):
-        for a, b in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
-            assert torch.equal(a, b)
+        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
+            assert torch.equal(fast_held[: plain_held.numel()], plain_held)  # and perhaps that last EOS
+            assert fast_held.numel() - plain_held.numel() <= 1
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_static_path_logits_within_bf16_tolerance(device: str, fused: bool) -> None:
     """bf16, teacher-forced on the plain path's tokens: every step's logits agree within bf16 precision. (Eager
     static steps: forcing tokens needs a host copy per step, which a captured graph cannot take; the next test
     shows the graph replays these very steps.)"""
@@ -68,7 +89,8 @@ def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
     plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
     plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=60, do_sample=False,
                            eos_token_id=None, pad_token_id=0, logits_processor=LogitsProcessorList([recorder]))
-    decoder = StaticDecoder(model, DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[]), use_cuda_graph=False)
+    cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
+    decoder = StaticDecoder(model, cache, use_cuda_graph=False, fused=fused)
     forced = iter(plain[:, ids.shape[1]:].T.tolist())
     fast_logits = []
 
@@ -87,15 +109,16 @@ def test_static_path_logits_within_bf16_tolerance(device: str) -> None:
     assert worst <= 4 * 2**-7 * scale
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available: CUDA graphs run on the GPU machine")
-def test_cuda_graph_replays_the_eager_static_steps_bf16() -> None:
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs)")
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_graph_replays_the_eager_static_steps_bf16(fused: bool) -> None:
     model, ids, mask = _models("cuda", torch.bfloat16)
     config = CompressionConfig(budget=48, window=8, keep_ratio=0.5)
     runs = []
     for use_graph in (False, True):
         logits = []
         cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[])
-        tokens = StaticDecoder(model, cache, use_cuda_graph=use_graph).generate(
+        tokens = StaticDecoder(model, cache, use_cuda_graph=use_graph, fused=fused).generate(
             ids, attention_mask=mask, max_new_tokens=60, logits_callback=lambda x: logits.append(x.float().clone()))
         runs.append((tokens, torch.stack(logits), list(cache.stats.history)))
     assert runs[1][2] == runs[0][2]
@@ -108,3 +131,50 @@ def test_static_path_rejects_query_scorers() -> None:
     cache = DynTSCache(model, CompressionConfig(budget=32, window=8), scorer="h2o", eos_token_id=[])
     with pytest.raises(ValueError, match="static decoding supports scorers that need no attention queries, not 'h2o'"):
         StaticDecoder(model, cache).generate(ids, attention_mask=mask, max_new_tokens=4)
+
+
+def test_fused_step_is_chosen_where_supported_and_refused_elsewhere() -> None:
+    config = CompressionConfig(budget=32, window=8)
+    for arch in ARCHITECTURES:
+        model = tiny_model(arch, "sdpa")
+        assert StaticDecoder(model, DynTSCache(model, config, scorer=_scorer(model))).fused is True
+    gelu = tiny_model("llama", "sdpa")
+    gelu.config.hidden_act = "gelu"  # a family the fused step does not compute (its activation is SiLU)
+    assert StaticDecoder(gelu, DynTSCache(gelu, config, scorer=_scorer(gelu))).fused is False
+    with pytest.raises(ValueError, match="fused=True: the fused decode step does not support this model: hidden_act is "
+                                         "'gelu', not 'silu'"):
+        StaticDecoder(gelu, DynTSCache(gelu, config, scorer=_scorer(gelu)), fused=True)
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(ValueError, match="fused must be True, False or None"):
+        StaticDecoder(model, DynTSCache(model, config, scorer=_scorer(model)), fused=1)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # biases on q/k/v; q/k norms (Llama and Mistral: neither)
+def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, arch: str, monkeypatch) -> None:
+    """One fused step with the Triton kernels (interpreted on CPU tensors, compiled on CUDA) against the same step on
+    the torch references (the path the tests above check against HF's modules): the layouts the step hands the
+    kernels (views of the QKV projection, per-head norms, strided storage) are the ones they compute right."""
+    model, _, _ = _models(device, torch.float32, arch)
+    step = FusedDecodeStep(model, {0: 0, 1: 1})
+    generator = torch.Generator().manual_seed(0)
+    rows, capacity = 3, 40
+    key_cache, value_cache = (torch.randn(2, rows, 2, capacity, 16, generator=generator).to(device) for _ in range(2))
+    slots = torch.tensor([5, capacity - 1, 20], device=device)  # each row's physical end: attention reads one more
+    inputs = (torch.tensor([[4], [9], [50]], device=device), torch.tensor([[7], [60], [21]], device=device))
+    initial_keys = key_cache.clone()
+    want_keys, want_values = key_cache.clone(), value_cache.clone()
+    kernels.force_reference(True)
+    try:
+        want = step(*inputs, want_keys, want_values, slots, slots + 1)
+    finally:
+        kernels.force_reference(False)
+    if device == "cpu":
+        monkeypatch.setattr(kernels, "uses_reference", lambda tensor: False)  # the interpreter runs the kernels
+    got = step(*inputs, key_cache, value_cache, slots, slots + 1)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(key_cache, want_keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(value_cache, want_values, rtol=1e-5, atol=1e-5)
+    written = torch.zeros(2, rows, 2, capacity, 16, dtype=torch.bool, device=device)
+    written[:, torch.arange(rows), :, slots] = True  # every layer and KV head of each row's slot
+    assert torch.equal(key_cache[~written], initial_keys[~written])
+    assert not torch.isclose(key_cache[written], initial_keys[written]).any()

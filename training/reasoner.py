@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from dynts.cli import UsageError
 from dynts.evals.synthetic_task import (
     EVAL_SEED,
     FAMILIES,
@@ -428,12 +430,12 @@ def write_predictor_problems(path: Path, count: int, seed: int, families: tuple[
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True,
                         help="directory for the checkpoint, tokenizer, log, summary and predictor problems")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model initialisation and the problem stream")
     parser.add_argument("--steps", default="auto", help="optimizer steps, or 'auto': measure speed, fit --time-budget")
     parser.add_argument("--time-budget", type=float, default=240.0, help="seconds of training for --steps auto")
     parser.add_argument("--batch-tokens", type=int, default=65536, help="tokens per batch (padding included)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay of the weight matrices")
     parser.add_argument("--retrieval-weight", type=float, default=4.0,
                         help="loss weight of the answer tokens and of copies of saved values (the long-range retrievals)")
     parser.add_argument("--families", type=parse_families, default=FAMILIES,
@@ -453,15 +455,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=3, help="data-generating worker processes")
     parser.add_argument("--init-from", type=Path, default=None,
                         help="continue from a saved checkpoint (fine-tuning) instead of a fresh model")
-    parser.add_argument("--hidden-size", type=int, default=ModelShape.hidden_size)
-    parser.add_argument("--layers", type=int, default=ModelShape.layers)
-    parser.add_argument("--intermediate-size", type=int, default=ModelShape.intermediate_size)
+    parser.add_argument("--hidden-size", type=int, default=ModelShape.hidden_size, help="model width")
+    parser.add_argument("--layers", type=int, default=ModelShape.layers, help="decoder layers")
+    parser.add_argument("--intermediate-size", type=int, default=ModelShape.intermediate_size, help="SwiGLU width")
     parser.add_argument("--eval-problems", type=int, default=256,
                         help="held-out problems per family (and re-read period) for full-cache accuracy")
     parser.add_argument("--eval-steps", type=parse_buckets, default=None,
                         help="step range of the held-out sets, e.g. 44-56 (default: each family's default)")
     parser.add_argument("--eval-saves", type=int, default=None, help="saves of the held-out sets")
-    parser.add_argument("--eval-batch", type=int, default=256)
+    parser.add_argument("--eval-batch", type=int, default=256, help="rows per generate call of the held-out evaluation")
     parser.add_argument("--proxy-problems", type=int, default=128,
                         help="held-out problems of the teacher-forced checks (full context, ideal cache, latest copies)")
     parser.add_argument("--proxy-every", type=int, default=0, help="run the teacher-forced checks every N steps (0: at the end)")
@@ -472,27 +474,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictor-problems", type=int, default=200,
                         help="problems written to OUT/predictor_problems.jsonl for `dynts label --data`")
     parser.add_argument("--predictor-seed", type=int, default=7, help="seed of the predictor problems (not the evaluation seed)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where to train")
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse out-of-range arguments with a message naming the flag and its range."""
     if not 0.0 <= args.augment <= 1.0:
-        raise SystemExit(f"--augment must be in [0, 1], got {args.augment}")
+        raise UsageError(f"--augment must be in [0, 1], got {args.augment}")
     if not 0.0 <= args.augment_start < 1.0:
-        raise SystemExit(f"--augment-start must be in [0, 1), got {args.augment_start}")
+        raise UsageError(f"--augment-start must be in [0, 1), got {args.augment_start}")
     if not 0.0 <= args.hide_copies <= 1.0:
-        raise SystemExit(f"--hide-copies must be in [0, 1], got {args.hide_copies}")
+        raise UsageError(f"--hide-copies must be in [0, 1], got {args.hide_copies}")
     if args.retrieval_weight <= 0:
-        raise SystemExit(f"--retrieval-weight must be > 0, got {args.retrieval_weight}")
+        raise UsageError(f"--retrieval-weight must be > 0, got {args.retrieval_weight}")
     if args.steps != "auto" and (not args.steps.isdigit() or int(args.steps) < 1):
-        raise SystemExit(f"--steps must be a positive int or 'auto', got {args.steps!r}")
+        raise UsageError(f"--steps must be a positive int or 'auto', got {args.steps!r}")
     if args.predictor_seed == EVAL_SEED:
-        raise SystemExit(f"--predictor-seed must not be the evaluation seed {EVAL_SEED}")
+        raise UsageError(f"--predictor-seed must not be the evaluation seed {EVAL_SEED}")
     for name, low in (("batch_tokens", 1), ("workers", 0), ("eval_problems", 0), ("eval_batch", 1),
                       ("proxy_problems", 1), ("proxy_every", 0), ("predictor_problems", 0)):
         if getattr(args, name) < low:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= {low}, got {getattr(args, name)}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -543,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
         shape = ModelShape(text_config.hidden_size, text_config.num_hidden_layers, text_config.num_attention_heads,
                            text_config.num_key_value_heads, text_config.intermediate_size, text_config.max_position_embeddings)
         if text_config.vocab_size != len(VOCAB):
-            raise SystemExit(f"--init-from {args.init_from}: vocabulary of {text_config.vocab_size} tokens, the task has {len(VOCAB)}")
+            raise UsageError(f"--init-from {args.init_from}: vocabulary of {text_config.vocab_size} tokens, the task has {len(VOCAB)}")
         log(f"init from {args.init_from}")
     log(f"model: llama {asdict(shape)} parameters {parameters:,} vocab {len(VOCAB)}; families {','.join(args.families)}")
 
@@ -670,11 +672,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynts.training.reasoner", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynts.cli import run_module
+
+    sys.exit(run_module("dynts.training.reasoner"))

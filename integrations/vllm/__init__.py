@@ -13,7 +13,11 @@ without it vLLM behaves exactly as without the plugin.
 * ``DynTSScheduler`` (engine core, ``scheduler.py``): decides compactions, frees tail blocks, allocates by
   physical length;
 * model-runner hooks (workers, ``worker.py``): compaction inside the request's blocks, physical slots and lengths,
-  scoring of new tokens.
+  scoring of new tokens;
+* ``DynTSWorkerExtension`` (workers): RPCs for tests and debugging, installed as vLLM's ``worker_extension_cls``.
+
+Every private piece of vLLM these rely on is listed in ``patches.py`` and checked when the plugin loads: a vLLM whose
+internals differ refuses the flag, naming what differs, and runs unpatched.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import functools
 import logging
 from typing import Any
 
+from .patches import check_patch_points
 from .settings import CONFIG_KEY, SCHEDULER_CLASS, DynTSSettings, check_engine
 
-__all__ = ["SUPPORTED_VLLM", "register", "unsupported_vllm"]
+__all__ = ["SUPPORTED_VLLM", "DynTSWorkerExtension", "register", "unsupported_vllm"]
 
 # The vLLM releases whose internals the hooks were written against (scheduler, block manager, V1 model runner).
 SUPPORTED_VLLM = ">=0.32.0,<0.33"
+# vLLM mixes this class into every worker of an engine with the flag: ``LLM.collective_rpc("dynts_stats")``.
+WORKER_EXTENSION_CLASS = "dynts.integrations.vllm.DynTSWorkerExtension"
 
 logger = logging.getLogger(__name__)
 _registered = False
@@ -42,6 +49,13 @@ def register() -> None:
     import vllm
 
     reason = unsupported_vllm(vllm.__version__)
+    if reason is None:
+        problems = check_patch_points()
+        if problems:
+            reason = (
+                f"this vLLM {vllm.__version__} differs from the internals the dynts hooks rely on "
+                "(dynts.integrations.vllm.patches): " + "; ".join(problems)
+            )
     if reason is not None:
         _install_config_hook(refuse=reason)
         logger.warning("%s; the dynts flag is disabled", reason)
@@ -71,6 +85,37 @@ def prepare_engine_config(vllm_config: Any) -> None:
         return
     check_engine(vllm_config, settings)
     vllm_config.scheduler_config.scheduler_cls = SCHEDULER_CLASS
+    parallel = vllm_config.parallel_config
+    if not parallel.worker_extension_cls:  # a user's own extension stays (it can subclass DynTSWorkerExtension)
+        parallel.worker_extension_cls = WORKER_EXTENSION_CLASS
+
+
+class DynTSWorkerExtension:
+    """Per-worker RPCs of an engine with the flag, for tests and debugging (``collective_rpc``: one result per rank).
+
+    ``dynts_stats``: compactions, evicted tokens, the most blocks one request held, the most requests running at
+    once, the pool's free blocks and the preemptions so far; ``dynts_reset_stats`` zeroes the counters and maxima;
+    ``dynts_take_finished_positions``: with ``record_positions``, the resident logical positions of each request
+    finished since the last call, by vLLM's request id.
+    """
+
+    def dynts_stats(self) -> dict[str, Any]:
+        return self._dynts_worker().stats_dict()
+
+    def dynts_reset_stats(self) -> None:
+        self._dynts_worker().reset_counters()
+
+    def dynts_take_finished_positions(self) -> dict[str, list[int]]:
+        worker = self._dynts_worker()
+        positions = dict(worker.finished_positions)
+        worker.finished_positions.clear()
+        return positions
+
+    def _dynts_worker(self) -> Any:
+        dynts = getattr(self.model_runner, "_dynts", None)  # type: ignore[attr-defined]  # set by vLLM's Worker
+        if dynts is None:
+            raise RuntimeError("dynts: this worker's model runner has no dynts state (the engine runs without the flag)")
+        return dynts
 
 
 def _install_config_hook(refuse: str | None) -> None:

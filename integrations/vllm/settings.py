@@ -6,6 +6,10 @@ feature stops ``LLM(...)`` / ``vllm serve`` with an error that names it, before 
 
 from __future__ import annotations
 
+import collections.abc
+import inspect
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -55,6 +59,9 @@ class DynTSSettings:
                 f"additional_config['{CONFIG_KEY}']: unknown field(s) {unknown}; allowed: "
                 f"{sorted(own | compression_fields)}"
             )
+        field_types = {**typing.get_type_hints(CompressionConfig), **typing.get_type_hints(cls)}
+        for name, value in values.items():
+            check_json_type(f"additional_config['{CONFIG_KEY}']['{name}']", value, field_types[name], _HINTS.get(name))
         try:
             compression = CompressionConfig.from_dict({k: v for k, v in values.items() if k in compression_fields})
         except (TypeError, ValueError) as error:
@@ -71,10 +78,8 @@ class DynTSSettings:
             raise ValueError(
                 f"{prefix}['scorer']: {self.scorer!r} is not supported in vLLM{reason}; allowed: {list(VLLM_SCORERS)}"
             )
-        if not isinstance(self.scorer_kwargs, dict):
-            raise ValueError(f"{prefix}['scorer_kwargs'] must be an object, got {type(self.scorer_kwargs).__name__}")
         if self.scorer == "predictor":
-            if not isinstance(self.predictor, str) or not self.predictor:
+            if not self.predictor:
                 raise ValueError(f"{prefix}['predictor']: scorer 'predictor' needs the path of a saved predictor")
             if self.scorer_kwargs:
                 raise ValueError(f"{prefix}['scorer_kwargs'] is not used by scorer 'predictor'")
@@ -87,12 +92,11 @@ class DynTSSettings:
         elif self.predictor is not None:
             raise ValueError(f"{prefix}['predictor'] is only used with scorer 'predictor' (scorer is {self.scorer!r})")
         else:
+            self._check_scorer_kwargs(prefix)
             try:
-                self.build_scorer()  # constructor arguments checked now, with the scorer's own messages
+                self.build_scorer()  # the values' ranges, checked now with the scorer's own messages
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{prefix}['scorer_kwargs'] for scorer {self.scorer!r}: {error}") from error
-        if not isinstance(self.record_positions, bool):
-            raise ValueError(f"{prefix}['record_positions'] must be true or false, got {self.record_positions!r}")
         if self.compression.granularity != "shared":
             raise ValueError(
                 f"{prefix}['granularity']: only 'shared' is supported in vLLM (the vLLM scorers give one score per "
@@ -105,6 +109,29 @@ class DynTSSettings:
                 f"{prefix}['window'] must be >= len(think_end) = {len(think_end)} in vLLM, got {self.compression.window}"
             )
 
+    def _check_scorer_kwargs(self, prefix: str) -> None:
+        """Names and JSON types of ``scorer_kwargs``, from the scorer constructor's signature and type hints."""
+        constructor = SCORERS[self.scorer].__init__
+        parameters = {
+            name: parameter for name, parameter in list(inspect.signature(constructor).parameters.items())[1:]
+            if parameter.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+        unknown = sorted(set(self.scorer_kwargs) - set(parameters))
+        if unknown:
+            raise ValueError(
+                f"{prefix}['scorer_kwargs']: unknown argument(s) {unknown} for scorer {self.scorer!r}; allowed: "
+                f"{sorted(parameters)}"
+            )
+        hints = typing.get_type_hints(constructor)
+        for name, parameter in parameters.items():
+            if name in self.scorer_kwargs:
+                check_json_type(f"{prefix}['scorer_kwargs']['{name}']", self.scorer_kwargs[name], hints[name])
+            elif parameter.default is inspect.Parameter.empty:
+                raise ValueError(
+                    f"{prefix}['scorer_kwargs']['{name}'] is required by scorer {self.scorer!r} (expected "
+                    f"{describe_json_type(hints[name])})"
+                )
+
     def build_scorer(self, **extra: Any) -> Scorer:
         """A fresh scorer for one request (``extra``: e.g. the loaded predictor head, shared by all requests)."""
         return get_scorer(self.scorer, **self.scorer_kwargs, **extra)
@@ -116,10 +143,80 @@ class DynTSSettings:
         return ImportancePredictor.load_with_identity(self.predictor)
 
 
+# Said after a type error, where the expected JSON type alone does not tell what to give.
+_HINTS = {"think_end": "the token ids of the end-of-thinking marker, e.g. dynts.resolve_think_end(tokenizer)"}
+
+
+def check_json_type(where: str, value: Any, annotation: Any, hint: str | None = None) -> None:
+    """Raise TypeError naming ``where`` and the expected type unless ``value`` (parsed JSON) fits ``annotation``.
+
+    Checked before any constructor sees the value, because Python would take some wrong types silently: a string
+    where token ids are expected iterates into characters, ``"4" < 0`` fails without naming the field.
+    """
+    if not _fits(value, annotation):
+        note = f" ({hint})" if hint else ""
+        raise TypeError(
+            f"{where} must be {describe_json_type(annotation)}{note}, got {type(value).__name__} {value!r}"
+        )
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:  # JSON numbers: 1 and 1.0 both fit
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin in _ARRAY_ORIGINS:
+        return isinstance(value, (list, tuple)) and all(_fits(item, _item_type(annotation)) for item in value)
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict) and all(
+            isinstance(key, str) and _fits(item, args[1] if args else Any) for key, item in value.items()
+        )
+    raise TypeError(f"dynts: no JSON form for the type {annotation!r} (extend settings.check_json_type)")
+
+
+def describe_json_type(annotation: Any) -> str:
+    """How the expected type reads in an error message."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    names = {bool: "true or false", int: "an int", float: "a number", str: "a string", type(None): "null", Any: "any value"}
+    if annotation in names:
+        return names[annotation]
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe_json_type(arg) for arg in args)
+    if origin is typing.Literal:
+        return f"one of {list(args)}"
+    if origin in _ARRAY_ORIGINS:
+        item = _item_type(annotation)
+        return f"a list of {_PLURALS[item]}" if item in _PLURALS else "a list"
+    if origin is dict or annotation is dict:
+        return "an object"
+    raise TypeError(f"dynts: no JSON form for the type {annotation!r} (extend settings.check_json_type)")
+
+
+# Annotations that a JSON array satisfies (a string is never one, though Python would iterate it).
+_ARRAY_ORIGINS = (list, tuple, collections.abc.Iterable, collections.abc.Sequence)
+_PLURALS = {bool: "booleans", int: "ints", float: "numbers", str: "strings"}
+
+
+def _item_type(annotation: Any) -> Any:
+    args = typing.get_args(annotation)
+    return args[0] if args else Any
+
+
 def check_engine(vllm_config: Any, settings: DynTSSettings) -> None:
     """Refuse, by name, the engine features that eviction does not support (yet)."""
-    import vllm.envs as envs
-
     problems: list[str] = []
     cache, scheduler, parallel = vllm_config.cache_config, vllm_config.scheduler_config, vllm_config.parallel_config
     model = vllm_config.model_config
@@ -139,8 +236,11 @@ def check_engine(vllm_config: Any, settings: DynTSSettings) -> None:
         problems.append(f"quantized KV cache (kv_cache_dtype={cache.cache_dtype!r}; use 'auto')")
     if scheduler.scheduler_cls not in (None, SCHEDULER_CLASS):
         problems.append(f"a custom scheduler_cls ({scheduler.scheduler_cls!r}); dynts installs its own scheduler")
-    if envs.VLLM_USE_V2_MODEL_RUNNER:
-        problems.append("Model Runner V2 (unset VLLM_USE_V2_MODEL_RUNNER or set it to 0)")
+    if vllm_config.use_v2_model_runner:  # the plugin makes vLLM pick V1 unless something forces V2
+        problems.append(
+            "Model Runner V2 (selected by VLLM_USE_V2_MODEL_RUNNER=1, HiSparse attention or watermarking; unset "
+            "VLLM_USE_V2_MODEL_RUNNER or set it to 0)"
+        )
     if model is not None:
         if getattr(model, "runner_type", "generate") != "generate":
             problems.append(f"runner {model.runner_type!r} (only text generation models)")

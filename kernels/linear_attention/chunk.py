@@ -1,6 +1,6 @@
 """Chunked prefill for gated delta-rule attention (KDA: per-channel gate; GDN: per-head gate), forward only.
 
-Chunks of 64 tokens, in two stages:
+Chunks of 64 tokens, in two or three stages:
 
 1. Intra-chunk, all chunks in parallel. Per chunk and value head, with G the in-chunk cumulative gate (log2
    space), the scores step forms the 64 x 64 matrices
@@ -16,8 +16,14 @@ Chunks of 64 tokens, in two stages:
    GDN, whose scores step is light, runs both in one program (``_chunk_intra_kernel``), which measured faster.
 2. ``_chunk_state_kernel``, one program per sequence, value head and block of value channels, walks the chunks
    in order with the float32 state S in registers:
-       V' = U - W S,  O = Qg S + P V',  S = Diag(gamma) S + Kd^T V'.
-   Everything it reads per chunk was prepared by stage 1, so the loads of the next chunk are independent of S
+       V' = U - W S,  S = Diag(gamma) S + Kd^T V',
+   and the outputs O = Qg S + P V' (S the chunk's starting state), in one of two variants (PREFILL_VARIANTS):
+   "sequential_outputs" computes O inside this pass; "parallel_outputs" stores each chunk's starting state and V'
+   instead, and
+3. ``_chunk_output_kernel``, one program per chunk, value head and block of value channels, all in parallel,
+   computes O from them. Both variants run the same products on the same operands (equal results); the second
+   shortens the sequential step per chunk at the cost of writing and reading the states and V'.
+   Everything stage 2 reads per chunk was prepared by stage 1, so the loads of the next chunk are independent of S
    and are software-pipelined (``num_stages``) behind the current chunk's products.
 
 Precision (relative error against the naive fp32 recurrence, bf16 inputs, 1024 tokens, 32 heads of 128 x 128,
@@ -27,7 +33,8 @@ are stored in the input dtype (outputs move by < 1e-4; KDA's Kd rounding is most
 reading k itself, does not have) while U and P, whose rounding would cost ~0.2% of the output, stay fp32; products
 run on tf32 tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), products
 of two 16-bit operands (GDN's k k^T and q k^T) run in 16 bits, which is exact, and S enters its products with W and
-Qg in the storage dtype.
+Qg in the storage dtype (the parallel-outputs variant stores each chunk's starting state in that dtype, the operand
+its output product reads, and V' in fp32 like U).
 
 Variable-length batches: every sequence is cut into its own chunks (``cu_seqlens``); rows past a sequence's end
 are masked on load and store, so chunks never mix sequences.
@@ -35,9 +42,12 @@ are masked on load and store, so chunks never mix sequences.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
+from triton.testing import do_bench
 
 from .common import CHUNK_SIZE, interpreting
 
@@ -89,6 +99,26 @@ STATE_CONFIGS = {  # by gate kind, each starting from its measured default (BV, 
                   for block, warps, stages in sorted(_STATE_LAUNCHES, key=lambda launch: launch != default)]
     for per_channel, default in ((True, (32, 4, 2)), (False, (32, 4, 3)))
 }
+# The state-only pass (parallel outputs) holds no output tile, so two programs of 16 value channels may share a
+# multiprocessor, one's products hiding the other's latency. Not measured yet: the first config is the sequential
+# pass's default.
+STATE_ONLY_CONFIGS = [triton.Config({"BV": block}, num_warps=warps, num_stages=stages) for block, warps, stages in
+                      [(32, 4, 2), (16, 4, 2), (16, 2, 2), (32, 2, 2), (16, 4, 3), (32, 4, 3), (64, 4, 2), (64, 8, 2)]]
+OUTPUT_CONFIGS = [  # parallel output kernel: BV value channels per program (no loop: stages stay at the default)
+    triton.Config({"BV": 64}, num_warps=4),
+    triton.Config({"BV": 32}, num_warps=4),
+    triton.Config({"BV": 128}, num_warps=4),
+    triton.Config({"BV": 64}, num_warps=8),
+    triton.Config({"BV": 128}, num_warps=8),
+]
+# Stage 2 comes in two variants. "sequential_outputs": the pass over the chunks also writes every chunk's outputs.
+# "parallel_outputs": the pass only carries the state (storing each chunk's starting state and V'), and a fully
+# parallel kernel over (chunk, value head, value block) writes the outputs: a shorter sequential step per chunk
+# for more memory traffic. Which is faster depends on the card (KDA 0.87x and GDN 0.70x of fla on the H200 with
+# the sequential one), so long prefills time both once per shape (``_chosen_variant``); shorter ones take
+# DEFAULT_VARIANT, the one measured on the H100.
+PREFILL_VARIANTS = ("sequential_outputs", "parallel_outputs")
+DEFAULT_VARIANT = "sequential_outputs"
 
 
 def _tuned_configs(configs: list[triton.Config]) -> list[triton.Config]:
@@ -440,14 +470,45 @@ def _chunk_apply_kernel(
                          DOT_PRECISION, ROUND_TF32)
 
 
+@triton.jit
+def _chunk_output(
+    q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SIXTEEN_BIT_PRODUCTS: tl.constexpr,
+):
+    """One chunk's outputs from its starting state and new values: O = Qg S + P V' (fp32, [64, value block]).
+    ``chunk_start``: the chunk's first token (int64); offsets within the chunk stay int32 (see the state kernel)."""
+    rows = tl.arange(0, 64)
+    row0 = chunk_start * HV + hv
+    mask_k = row_ok[:, None] & k_ok[None, :]
+    if PER_CHANNEL:
+        b_qg = tl.load(qg + row0 * K + rows[:, None] * (HV * K) + cols_k[None, :], mask=mask_k, other=0.0)
+    else:
+        # Per-head gate: Qg is q with one scale per row, applied after the product.
+        b_qg = tl.load(q + (chunk_start * H + h) * K + rows[:, None] * (H * K) + cols_k[None, :], mask=mask_k,
+                       other=0.0)
+    if not SIXTEEN_BIT_PRODUCTS:
+        b_qg = b_qg.to(tl.float32)
+    b_o = tl.dot(b_qg, b_S_in, input_precision=DOT_PRECISION)
+    if not PER_CHANNEL:
+        b_o = b_o * tl.load(row_scale + row0 * 2 + rows * (HV * 2), mask=row_ok, other=0.0)[:, None]
+    b_p = tl.load(p + row0 * 64 + rows[:, None] * (HV * 64) + rows[None, :], mask=row_ok[:, None], other=0.0)
+    return b_o + tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
+
+
 @triton.jit(do_not_specialize=["chunk_bucket", "sequence_bucket"])
 def _chunk_state_kernel(
-    q, k, w, u, qg, kd, p, gamma, row_scale, o, h0, ht, cu_seqlens, chunk_offsets, T, chunk_bucket, sequence_bucket,
+    q, k, w, u, qg, kd, p, gamma, row_scale, o, new_values, chunk_states, h0, ht, cu_seqlens, chunk_offsets, T,
+    chunk_bucket, sequence_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, DOT_PRECISION: tl.constexpr, SIXTEEN_BIT_PRODUCTS: tl.constexpr,
-    ROUND_TF32: tl.constexpr,
+    ROUND_TF32: tl.constexpr, SEQUENTIAL_OUTPUTS: tl.constexpr,
 ):
+    """Stage 2: the chunks of one sequence in order, for one value head and block of value channels.
+
+    With SEQUENTIAL_OUTPUTS it writes each chunk's outputs as it goes; without, it stores each chunk's starting state
+    (in the dtype the output product reads it in) and new values V' for ``_chunk_output_kernel``."""
     i_seq_head = tl.program_id(0)
     i_v = tl.program_id(1)
     i_seq = i_seq_head // HV
@@ -474,55 +535,92 @@ def _chunk_state_kernel(
     if USE_INITIAL_STATE:
         b_S = tl.load(h0 + state_offset, mask=state_mask, other=0.0)
 
+    # 64-bit arithmetic once per chunk (a scalar pointer to its first row), int32 offsets within the chunk's tiles:
+    # int64 offsets per element spilled registers (sm_90 compile, Triton 3.9, 4 warps, 32 value channels, 16-bit:
+    # stack 496 bytes instead of 64 for the sequential-outputs pass, 240 instead of 24 for the state-only one).
     for i_c in range(n_chunks):
-        token = bos + i_c * 64 + rows
-        row_ok = token < eos
-        base = token * HV + hv
+        chunk_start = bos + i_c * 64
+        row_ok = rows < eos - chunk_start
+        row0 = chunk_start * HV + hv
         mask_k = row_ok[:, None] & k_ok[None, :]
         mask_v = row_ok[:, None] & v_ok[None, :]
-        b_w = tl.load(w + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
+        key_tile = rows[:, None] * (HV * K) + cols_k[None, :]
+        value_tile = rows[:, None] * (HV * V) + cols_v[None, :]
+        b_w = tl.load(w + row0 * K + key_tile, mask=mask_k, other=0.0)
         if PER_CHANNEL:
-            b_qg = tl.load(qg + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0)
-            b_kd = tl.load(kd + base[:, None] * K + cols_k[None, :], mask=mask_k, other=0.0).to(tl.float32)
+            b_kd = tl.load(kd + row0 * K + key_tile, mask=mask_k, other=0.0).to(tl.float32)
             b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)[:, None]
         else:
-            # Per-head gate: Qg and Kd are q and k with one scale per row, applied around the products.
-            qk_offsets = (token * H + h)[:, None] * K + cols_k[None, :]
-            b_qg = tl.load(q + qk_offsets, mask=mask_k, other=0.0)
-            b_kd = tl.load(k + qk_offsets, mask=mask_k, other=0.0).to(tl.float32)
-            q_scale = tl.load(row_scale + base * 2, mask=row_ok, other=0.0)
-            k_scale = tl.load(row_scale + base * 2 + 1, mask=row_ok, other=0.0)
+            # Per-head gate: Kd is k with one scale per row, applied to V' before the product.
+            b_kd = tl.load(k + (chunk_start * H + h) * K + rows[:, None] * (H * K) + cols_k[None, :], mask=mask_k,
+                           other=0.0).to(tl.float32)
+            k_scale = tl.load(row_scale + row0 * 2 + rows * (HV * 2) + 1, mask=row_ok, other=0.0)
             b_gamma = tl.load(gamma + (first_chunk + i_c) * HV + hv)
-        b_p = tl.load(p + base[:, None] * 64 + rows[None, :], mask=row_ok[:, None], other=0.0)
-        b_u = tl.load(u + base[:, None] * V + cols_v[None, :], mask=mask_v, other=0.0)
+        b_u = tl.load(u + row0 * V + value_tile, mask=mask_v, other=0.0)
         if SIXTEEN_BIT_PRODUCTS:
             # S meets W and Qg in their 16-bit storage dtype: as accurate as the stored W, twice tf32's speed.
             b_S_in = b_S.to(b_w.dtype)
         else:
             b_w = b_w.to(tl.float32)
-            b_qg = b_qg.to(tl.float32)
             b_S_in = b_S
         b_new = b_u - tl.dot(b_w, b_S_in, input_precision=DOT_PRECISION)
         if ROUND_TF32:
             b_new = _round_to_tf32(b_new)  # P (rounded by kernel 1) and Kd (16-bit) are tf32-exact already
-        b_o = tl.dot(b_qg, b_S_in, input_precision=DOT_PRECISION)
+        if SEQUENTIAL_OUTPUTS:
+            b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV,
+                                K, PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS)
+            tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
+        else:
+            chunk_state = chunk_states + ((first_chunk + i_c) * HV + hv) * K * V
+            tl.store(chunk_state + cols_k[:, None] * V + cols_v[None, :], b_S_in.to(chunk_states.dtype.element_ty),
+                     mask=state_mask)
+            tl.store(new_values + row0 * V + value_tile, b_new, mask=mask_v)
         if PER_CHANNEL:
             b_update = b_new
         else:
-            b_o = b_o * q_scale[:, None]
             b_update = b_new * k_scale[:, None]
             if ROUND_TF32:
                 b_update = _round_to_tf32(b_update)
-        b_o += tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
         b_S = b_S * b_gamma + tl.dot(tl.trans(b_kd), b_update, input_precision=DOT_PRECISION)
-        tl.store(o + base[:, None] * V + cols_v[None, :], b_o.to(o.dtype.element_ty), mask=mask_v)
 
     if STORE_FINAL_STATE:
         tl.store(ht + state_offset, b_S, mask=state_mask)
 
 
-# The kernels as launched: each tuned over its space (see TUNE_FROM_CHUNKS); the state pass once per gate kind, whose
-# spaces start from different measured defaults.
+@triton.jit(do_not_specialize=["chunk_bucket"])
+def _chunk_output_kernel(
+    q, qg, p, row_scale, new_values, chunk_states, o, cu_seqlens, chunk_indices, T, chunk_bucket,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SIXTEEN_BIT_PRODUCTS: tl.constexpr,
+):
+    """Stage 3 (parallel outputs): one chunk, value head and block of value channels per program."""
+    i_chunk = tl.program_id(0)
+    hv = tl.program_id(1)
+    h = hv // (HV // H)
+    chunk_start, eos = _chunk_bounds(i_chunk, cu_seqlens, chunk_indices, T, IS_VARLEN)
+    rows = tl.arange(0, 64)
+    row_ok = rows < eos - chunk_start
+    cols_k = tl.arange(0, BK)
+    cols_v = tl.program_id(2) * BV + tl.arange(0, BV)
+    k_ok = cols_k < K
+    v_ok = cols_v < V
+    mask_v = row_ok[:, None] & v_ok[None, :]
+    chunk_state = chunk_states + (i_chunk.to(tl.int64) * HV + hv) * K * V
+    b_S_in = tl.load(chunk_state + cols_k[:, None] * V + cols_v[None, :], mask=k_ok[:, None] & v_ok[None, :],
+                     other=0.0)
+    row0 = chunk_start * HV + hv
+    value_tile = rows[:, None] * (HV * V) + cols_v[None, :]
+    b_new = tl.load(new_values + row0 * V + value_tile, mask=mask_v, other=0.0)
+    b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV, K,
+                        PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS)
+    tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
+
+
+# The kernels as launched: each tuned over its space (see TUNE_FROM_CHUNKS); the sequential-outputs state pass once
+# per gate kind, whose spaces start from different measured defaults.
+_state_key = _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "IS_VARLEN", "USE_INITIAL_STATE", "STORE_FINAL_STATE",
+                         "SIXTEEN_BIT_PRODUCTS", "SEQUENTIAL_OUTPUTS", "sequence_bucket")
 _scores_launch = _autotuned(
     SCORES_CONFIGS, _tuning_key("H", "HV", "K", "PER_CHANNEL", "L2NORM", "IS_VARLEN", "NATIVE_DOT"), _fit_blocks,
 )(_chunk_scores_kernel)
@@ -533,22 +631,40 @@ _intra_launch = _autotuned(
     INTRA_CONFIGS, _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "L2NORM", "IS_VARLEN", "NATIVE_DOT"), _fit_blocks,
 )(_chunk_intra_kernel)
 _state_launch = {
-    per_channel: _autotuned(
-        STATE_CONFIGS[per_channel],
-        _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "IS_VARLEN", "USE_INITIAL_STATE", "STORE_FINAL_STATE",
-                    "SIXTEEN_BIT_PRODUCTS", "sequence_bucket"),
-        _fit_state,
-    )(_chunk_state_kernel)
+    per_channel: _autotuned(STATE_CONFIGS[per_channel], _state_key, _fit_state)(_chunk_state_kernel)
     for per_channel in (True, False)
 }
+_state_only_launch = _autotuned(STATE_ONLY_CONFIGS, _state_key, _fit_state)(_chunk_state_kernel)
+_output_launch = _autotuned(
+    OUTPUT_CONFIGS, _tuning_key("H", "HV", "K", "V", "PER_CHANNEL", "IS_VARLEN", "SIXTEEN_BIT_PRODUCTS"), _fit_blocks,
+)(_chunk_output_kernel)
+
+# Chosen stage-2 variant per tuning key (see ``_chosen_variant``).
+_variant_choices: dict[tuple, str] = {}
 
 
 def tuned_launches() -> dict[str, dict[str, str]]:
-    """The config each launcher chose, per tuning key seen in this process (for benchmark logs)."""
+    """The config each launcher chose and the variant chosen, per tuning key seen in this process (for benchmark
+    logs)."""
     launchers = {"kda_scores": _scores_launch, "kda_apply": _apply_launch, "gdn_intra": _intra_launch,
-                 "kda_state": _state_launch[True], "gdn_state": _state_launch[False]}
-    return {name: {str(key): str(config) for key, config in launcher.cache.items()}
-            for name, launcher in launchers.items()}
+                 "kda_state": _state_launch[True], "gdn_state": _state_launch[False],
+                 "state_only": _state_only_launch, "output": _output_launch}
+    launches = {name: {str(key): str(config) for key, config in launcher.cache.items()}
+                for name, launcher in launchers.items()}
+    launches["variant"] = {str(key): variant for key, variant in _variant_choices.items()}
+    return launches
+
+
+def _chosen_variant(key: tuple, chunk_bucket: int, finish: Callable[[str], None]) -> str:
+    """The stage-2 variant for a launch: for a prefill of at least TUNE_FROM_CHUNKS chunks on a GPU, the faster of
+    the two on the first launch of its ``key`` (each timed over the same stage-1 results, its own launch shapes tuned
+    first); DEFAULT_VARIANT for shorter prefills and under the interpreter, which cannot time."""
+    if interpreting() or chunk_bucket < TUNE_FROM_CHUNKS:
+        return DEFAULT_VARIANT
+    if key not in _variant_choices:
+        milliseconds = {variant: do_bench(lambda: finish(variant)) for variant in PREFILL_VARIANTS}
+        _variant_choices[key] = min(milliseconds, key=milliseconds.get)
+    return _variant_choices[key]
 
 
 def chunk_delta_rule_triton(
@@ -563,8 +679,13 @@ def chunk_delta_rule_triton(
     use_qk_l2norm_in_kernel: bool,
     cu_seqlens: torch.Tensor | None,
     per_channel: bool,
+    variant: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch the two chunk kernels; inputs were validated by the public op."""
+    """Launch the chunk kernels; inputs were validated by the public op. ``variant`` forces one of PREFILL_VARIANTS
+    (benchmarks and tests); None takes the one chosen for the launch's shape (``_chosen_variant``)."""
+    if variant is not None and variant not in PREFILL_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(PREFILL_VARIANTS)} or None (chosen per shape), "
+                         f"got {variant!r}")
     batch, length, heads, key_dim = q.shape
     value_heads, value_dim = v.shape[2], v.shape[3]
     total = batch * length
@@ -631,12 +752,43 @@ def chunk_delta_rule_triton(
             _intra_launch[(n_chunks, value_heads)](
                 q, k, v, g, beta, w, u, qg, kd, p, gamma, row_scale, cu, chunk_indices, scale, length,
                 **buckets, **shapes, V=value_dim, BV=block_v, **flags, **scores)
-    _state_launch[per_channel][lambda meta: (sequences * value_heads, triton.cdiv(value_dim, meta["BV"]))](
-        q, k, w, u, qg, kd, p, gamma, row_scale, out, initial_state, final_state, cu, chunk_offsets, length,
-        **buckets, sequence_bucket=triton.next_power_of_2(sequences),
-        H=heads, HV=value_heads, K=key_dim, V=value_dim, BK=block_k,
-        PER_CHANNEL=per_channel, IS_VARLEN=is_varlen,
-        USE_INITIAL_STATE=initial_state is not None, STORE_FINAL_STATE=output_final_state,
-        DOT_PRECISION=dot_precision, SIXTEEN_BIT_PRODUCTS=sixteen_bit_products, ROUND_TF32=sixteen_bit,
-    )
+
+    state_shapes = {"H": heads, "HV": value_heads, "K": key_dim, "V": value_dim, "BK": block_k}
+    products = {"PER_CHANNEL": per_channel, "IS_VARLEN": is_varlen, "DOT_PRECISION": dot_precision,
+                "SIXTEEN_BIT_PRODUCTS": sixteen_bit_products}
+    state_flags = {**products, "USE_INITIAL_STATE": initial_state is not None,
+                   "STORE_FINAL_STATE": output_final_state, "ROUND_TF32": sixteen_bit}
+    sequence_bucket = triton.next_power_of_2(sequences)
+
+    def finish(chosen: str) -> None:
+        """Stage 2 (and 3) of ``chosen`` over stage 1's results: writes ``out`` and ``final_state``."""
+
+        def state_grid(meta: dict) -> tuple[int, int]:
+            return sequences * value_heads, triton.cdiv(value_dim, meta["BV"])
+
+        if chosen == "sequential_outputs":
+            _state_launch[per_channel][state_grid](
+                q, k, w, u, qg, kd, p, gamma, row_scale, out, None, None, initial_state, final_state, cu,
+                chunk_offsets, length, **buckets, sequence_bucket=sequence_bucket, **state_shapes, **state_flags,
+                SEQUENTIAL_OUTPUTS=True)
+            return
+        # Each chunk's starting state in the dtype the output product reads it in (16-bit when the products are):
+        # the same operand the sequential pass multiplies, at half the bytes of fp32. V' stays fp32, like U.
+        states_dtype = store_dtype if sixteen_bit_products else torch.float32
+        chunk_states = torch.empty(max(n_chunks, 1), value_heads, key_dim, value_dim, dtype=states_dtype,
+                                   device=device)
+        new_values = torch.empty_like(u)
+        _state_only_launch[state_grid](
+            q, k, w, u, qg, kd, p, gamma, row_scale, out, new_values, chunk_states, initial_state, final_state, cu,
+            chunk_offsets, length, **buckets, sequence_bucket=sequence_bucket, **state_shapes, **state_flags,
+            SEQUENTIAL_OUTPUTS=False)
+        if n_chunks > 0:
+            _output_launch[lambda meta: (n_chunks, value_heads, triton.cdiv(value_dim, meta["BV"]))](
+                q, qg, p, row_scale, new_values, chunk_states, out, cu, chunk_indices, length, **buckets,
+                **state_shapes, **products)
+
+    if variant is None:
+        key = (*state_shapes.values(), q.dtype, *state_flags.values(), buckets["chunk_bucket"], sequence_bucket)
+        variant = _chosen_variant(key, buckets["chunk_bucket"], finish)
+    finish(variant)
     return out, final_state

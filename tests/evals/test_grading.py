@@ -138,7 +138,7 @@ def test_pass_at_k_unbiased_estimator() -> None:
 
 DATA_DIR = default_data_dir()
 needs_files = pytest.mark.skipif(
-    DATA_DIR is None, reason="benchmark JSONL files not found: set DYNTS_DATA_DIR to the shared datasets folder"
+    DATA_DIR is None, reason="needs the benchmark JSONL files (math500.jsonl, aime24.jsonl, ...): set DYNTS_DATA_DIR to a folder holding them"
 )
 
 # References whose own boxed form the grader cannot read back as equal (listed, so a new failure is a real

@@ -114,14 +114,8 @@ def test_summary_metrics_from_known_outcomes() -> None:
     assert summary["tokens_per_second"] == 40.0
 
 
-def test_bad_eval_arguments_name_the_problem(tiny_model_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="unknown"):
-        cli_main(["eval", "--model", str(tiny_model_dir), "--methods", "full,nope", "--out", str(tmp_path)])
-    with pytest.raises(ValueError, match="--budget"):
-        cli_main(["eval", "--model", str(tiny_model_dir), "--dataset", "synthetic", "--limit", "1", "--methods", "h2o",
-                  "--out", str(tmp_path), "--no-progress"])
-    with pytest.raises(FileNotFoundError, match="no such local model"):
-        cli_main(["eval", "--model", str(tmp_path / "missing"), "--methods", "full", "--out", str(tmp_path)])
+def test_sampling_settings_are_checked() -> None:
+    # The command line's errors (one line, exit status 2, before any model) are tested in tests/test_cli.py.
     with pytest.raises(ValueError, match="samples > 1 needs do_sample"):
         Sampling(max_new_tokens=4, samples=2)
     assert "dynts" not in attention_methods() and "predictor" not in attention_methods()

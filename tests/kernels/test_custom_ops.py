@@ -12,7 +12,7 @@ from dynts.kernels.reference import decode_attention_reference
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                   reason="needs a CUDA GPU: runs on the GPU machine (device tool)")),
+                                                   reason="needs a CUDA GPU")),
 ]
 BATCH, KV_HEADS, GROUP, DIM, SLOTS = 3, 2, 3, 16, 37
 

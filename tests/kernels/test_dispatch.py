@@ -38,7 +38,7 @@ def test_force_reference_switch():
 def test_public_compact_matches_reference(device):
     """compact_ routes CPU tensors to the reference and CUDA tensors to Triton; the result is the reference's."""
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU: runs on the GPU machine (device tool)")
+        pytest.skip("needs a CUDA GPU")
     cache, rows, keep_index, keep_count = dense_args(device)
     expected = cache.clone()
     compact_reference_(expected, rows.to(device), keep_index.to(device), keep_count.to(device))
@@ -49,7 +49,7 @@ def test_public_compact_matches_reference(device):
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
 def test_public_compact_paged_matches_reference(device):
     if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU: runs on the GPU machine (device tool)")
+        pytest.skip("needs a CUDA GPU")
     generator = torch.Generator().manual_seed(1)
     caches = [torch.randn(2, 6, 4, 2, 8, generator=generator).to(device) for _ in range(2)]
     table = torch.tensor([[4, 1], [0, 5]], dtype=torch.int32)

@@ -32,7 +32,7 @@ def assert_matches(got: torch.Tensor, want: torch.Tensor, device: str) -> None:
     ulp = ULP[want.dtype] if want.dtype != torch.float32 else 2.0**-20  # fp32: rsqrt / exp approximations
     scale = want.float().abs().max().item()
     torch.testing.assert_close(got.float(), want.float(), rtol=2 * ulp, atol=4 * ulp * scale)
-    if device == "cuda":
+    if device == "cuda" and want.dtype != torch.float32:  # fp32 rsqrt / exp approximations differ in the last bits
         assert (got == want).float().mean().item() >= 0.99
 
 
@@ -94,7 +94,7 @@ def test_silu_and_mul_kernel_matches_reference_on_fused_projection(device, dtype
 def test_public_ops_run_the_kernels_on_cuda(device):
     """dynts.kernels routes CUDA tensors to these kernels (CPU tensors take the references, checked above)."""
     if device != "cuda":
-        pytest.skip("CPU tensors take the torch references: the routing to Triton is for CUDA tensors (GPU machine)")
+        pytest.skip("needs a CUDA GPU: the routing to Triton is for CUDA tensors (CPU tensors take the torch references)")
     generator = torch.Generator().manual_seed(5)
     hidden, residual = (randn(4, 256, dtype=torch.bfloat16, device=device, generator=generator) for _ in range(2))
     weight = randn(256, dtype=torch.bfloat16, device=device, generator=generator)

@@ -1,4 +1,7 @@
-"""Triton KDA / Gated DeltaNet kernels against the naive float32 recurrence (relative RMSE <= 0.005)."""
+"""Triton KDA / Gated DeltaNet kernels against the naive float32 recurrence (relative RMSE <= 0.005).
+
+The chunked prefill's cases run through each of its stage-2 variants (outputs inside the sequential pass over the
+chunks, or a state-only pass then a parallel output kernel)."""
 
 from __future__ import annotations
 
@@ -7,10 +10,20 @@ import torch
 from linear_attention_cases import OPS, TOLERANCE, make_inputs, naive_fp32, relative_rmse
 
 from dynts.kernels.linear_attention import chunk_kda, fused_recurrent_kda
+from dynts.kernels.linear_attention.chunk import PREFILL_VARIANTS, chunk_delta_rule_triton
 
 
-def run_chunk(op: str, inputs: dict, **kwargs):
-    return OPS[op][0](**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True, **kwargs)
+@pytest.fixture(params=PREFILL_VARIANTS)
+def variant(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def run_chunk(op: str, inputs: dict, variant: str, cu_seqlens: torch.Tensor | None = None):
+    """The prefill kernels with ``variant`` forced (the public op picks one per shape; inputs here are valid)."""
+    return chunk_delta_rule_triton(
+        inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], scale=inputs["q"].shape[-1] ** -0.5,
+        initial_state=inputs["initial_state"], output_final_state=True, use_qk_l2norm_in_kernel=True,
+        cu_seqlens=cu_seqlens, per_channel=OPS[op][3], variant=variant)
 
 
 def assert_close(op: str, output, final_state, reference_output, reference_state):
@@ -21,45 +34,52 @@ def assert_close(op: str, output, final_state, reference_output, reference_state
 
 @pytest.mark.parametrize("tokens", [1, 63, 200, 257])
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_chunk_matches_naive_over_lengths(device, op, tokens):
+def test_chunk_matches_naive_over_lengths(device, variant, op, tokens):
     """Lengths below, at and across the 64-token chunk boundary, with an initial state."""
     inputs = make_inputs(op, 1, tokens, 1, 1, 64, 64, device=device, seed=tokens)
-    assert_close(op, *run_chunk(op, inputs), *naive_fp32(op, inputs))
+    assert_close(op, *run_chunk(op, inputs, variant), *naive_fp32(op, inputs))
 
 
-@pytest.mark.parametrize("key_dim,value_dim", [(64, 64), (128, 128), (100, 72)])
+@pytest.mark.parametrize("key_dim,value_dim", [(64, 64), (128, 128), (100, 72), (33, 47)])
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_chunk_head_dims_and_grouped_values(device, op, key_dim, value_dim):
-    """Head dims 64, 128 and non powers of two (padded with masks in the kernel); 2 value heads per q/k head."""
+def test_chunk_head_dims_and_grouped_values(device, variant, op, key_dim, value_dim):
+    """Head dims 64, 128, even and odd non powers of two (padded with masks in the kernel); 2 value heads per q/k
+    head."""
     inputs = make_inputs(op, 1, 70, 1, 2, key_dim, value_dim, device=device, seed=key_dim)
-    assert_close(op, *run_chunk(op, inputs), *naive_fp32(op, inputs))
+    assert_close(op, *run_chunk(op, inputs, variant), *naive_fp32(op, inputs))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_chunk_16bit_inputs(device, op, dtype):
+def test_chunk_16bit_inputs(device, variant, op, dtype):
     """16-bit q/k/v: output in the input dtype, state in fp32, against the recurrence on the same rounded inputs."""
     inputs = make_inputs(op, 2, 80, 2, 2, 64, 64, dtype=dtype, device=device)
-    output, final_state = run_chunk(op, inputs)
+    output, final_state = run_chunk(op, inputs, variant)
     assert output.dtype == dtype and final_state.dtype == torch.float32
     assert_close(op, output, final_state, *naive_fp32(op, inputs))
 
 
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_chunk_variable_length(device, op):
+def test_chunk_variable_length(device, variant, op):
     """Sequences of 1, 65 and 64 tokens packed in one row: chunks never mix sequences; one state per sequence."""
     cu_seqlens = torch.tensor([0, 1, 66, 130], dtype=torch.int32, device=device)
     inputs = make_inputs(op, 1, 130, 2, 2, 64, 32, device=device, sequences=3)
-    output, final_state = run_chunk(op, inputs, cu_seqlens=cu_seqlens)
+    output, final_state = run_chunk(op, inputs, variant, cu_seqlens=cu_seqlens)
     assert final_state.shape == (3, 2, 64, 32)
     assert_close(op, output, final_state, *naive_fp32(op, inputs, cu_seqlens=cu_seqlens))
 
 
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_chunk_strong_gates_stay_finite(device, op):
+def test_chunk_strong_gates_stay_finite(device, variant, op):
     """Gates down to -40 per token (2^-3700 over a chunk): decay ratios are never formed as overflowing quotients."""
     inputs = make_inputs(op, 1, 64, 1, 1, 32, 32, device=device, gate_scale=20.0)
-    assert_close(op, *run_chunk(op, inputs), *naive_fp32(op, inputs))
+    assert_close(op, *run_chunk(op, inputs, variant), *naive_fp32(op, inputs))
+
+
+def test_chunk_rejects_unknown_variant():
+    inputs = make_inputs("kda", 1, 4, 1, 1, 8, 8)
+    with pytest.raises(ValueError, match="variant must be one of sequential_outputs, parallel_outputs"):
+        run_chunk("kda", inputs, "fused")
 
 
 @pytest.mark.parametrize("tokens", [1, 3])

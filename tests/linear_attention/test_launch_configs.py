@@ -1,29 +1,32 @@
 """Launch shapes of the chunked prefill: every config of every tuning space computes the recurrence, the tuning key
-names real kernel arguments, short prefills take the measured default, and a long prefill on a GPU tunes."""
+names real kernel arguments, short prefills take the measured default, and a long prefill on a GPU tunes the launch
+shapes and chooses the stage-2 variant."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from linear_attention_cases import TOLERANCE, make_inputs, naive_fp32, relative_rmse
+from linear_attention_cases import OPS, TOLERANCE, make_inputs, naive_fp32, relative_rmse
 
 pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts[triton]')")
 
 from dynts.kernels.linear_attention import chunk as chunk_module  # noqa: E402
-from dynts.kernels.linear_attention import chunk_gated_delta_rule, chunk_kda  # noqa: E402
 
-CHUNK_OPS = {"kda": chunk_kda, "gdn": chunk_gated_delta_rule}
-# launcher name -> (the op whose prefill launches it, its tuning space)
+# launcher name -> (the op whose prefill launches it, the stage-2 variant that launches it (None: both), its space)
 SPACES = {
-    "scores": ("kda", chunk_module.SCORES_CONFIGS),
-    "apply": ("kda", chunk_module.APPLY_CONFIGS),
-    "intra": ("gdn", chunk_module.INTRA_CONFIGS),
-    "kda_state": ("kda", chunk_module.STATE_CONFIGS[True]),
-    "gdn_state": ("gdn", chunk_module.STATE_CONFIGS[False]),
+    "scores": ("kda", None, chunk_module.SCORES_CONFIGS),
+    "apply": ("kda", None, chunk_module.APPLY_CONFIGS),
+    "intra": ("gdn", None, chunk_module.INTRA_CONFIGS),
+    "kda_state": ("kda", "sequential_outputs", chunk_module.STATE_CONFIGS[True]),
+    "gdn_state": ("gdn", "sequential_outputs", chunk_module.STATE_CONFIGS[False]),
+    # one op each: the block sizes do not meet the gate kind (the kernel tests cover both kinds at the defaults)
+    "kda_state_only": ("kda", "parallel_outputs", chunk_module.STATE_ONLY_CONFIGS),
+    "gdn_output": ("gdn", "parallel_outputs", chunk_module.OUTPUT_CONFIGS),
 }
 LAUNCHERS = {
     "scores": chunk_module._scores_launch, "apply": chunk_module._apply_launch, "intra": chunk_module._intra_launch,
     "kda_state": chunk_module._state_launch[True], "gdn_state": chunk_module._state_launch[False],
+    "kda_state_only": chunk_module._state_only_launch, "gdn_output": chunk_module._output_launch,
 }
 
 
@@ -35,8 +38,12 @@ def distinct_configs(configs, device: str):
     return list({tuple(sorted(config.kwargs.items())): config for config in configs}.values())
 
 
-def run_prefill(op: str, inputs: dict):
-    return CHUNK_OPS[op](**inputs, output_final_state=True, use_qk_l2norm_in_kernel=True)
+def run_prefill(op: str, inputs: dict, variant: str | None = None):
+    """The prefill kernels, ``variant`` forced, or chosen per shape when None."""
+    return chunk_module.chunk_delta_rule_triton(
+        inputs["q"], inputs["k"], inputs["v"], inputs["g"], inputs["beta"], scale=inputs["q"].shape[-1] ** -0.5,
+        initial_state=inputs["initial_state"], output_final_state=True, use_qk_l2norm_in_kernel=True,
+        cu_seqlens=None, per_channel=OPS[op][3], variant=variant)
 
 
 @pytest.mark.parametrize("launcher", list(SPACES))
@@ -44,7 +51,7 @@ def test_every_config_computes_the_recurrence(device, monkeypatch, launcher):
     """Each config forced in turn (the others at their defaults), two value heads per q/k head: under the interpreter
     130 tokens (a partial last chunk) of 64 x 48 heads; compiled, 16-bit 128 x 128 heads in the long-prefill test's
     specialisation (so both share the compiled kernels)."""
-    op, space = SPACES[launcher]
+    op, variant, space = SPACES[launcher]
     tuner = LAUNCHERS[launcher]
     if device == "cuda":
         inputs = make_inputs(op, 1, 320, 1, 2, 128, 128, dtype=torch.bfloat16, device=device, seed=7)
@@ -53,7 +60,7 @@ def test_every_config_computes_the_recurrence(device, monkeypatch, launcher):
     reference_output, reference_state = naive_fp32(op, inputs)
     for config in distinct_configs(space, device):
         monkeypatch.setattr(tuner, "configs", [config])  # one config: the autotuner launches it as is
-        output, final_state = run_prefill(op, inputs)
+        output, final_state = run_prefill(op, inputs, variant)
         assert tuner.best_config is config  # the launch this prefill made
         assert relative_rmse(output, reference_output) <= TOLERANCE, f"{launcher} {config} output"
         assert relative_rmse(final_state, reference_state) <= TOLERANCE, f"{launcher} {config} final state"
@@ -95,19 +102,57 @@ def test_long_prefills_tune_over_the_fitted_space():
     assert {(config.kwargs["KB"], config.kwargs["VB"]) for config in blocks} == {(32, 32), (64, 64)}
 
 
+def test_short_prefills_and_the_interpreter_take_the_default_variant(monkeypatch):
+    """Only a prefill of TUNE_FROM_CHUNKS chunks or more, compiled, times the variants."""
+
+    def no_timing(fn):
+        raise AssertionError("timed a variant")
+
+    monkeypatch.setattr(chunk_module, "do_bench", no_timing)
+    monkeypatch.setattr(chunk_module, "interpreting", lambda: False)
+    short = chunk_module._chosen_variant(("short",), chunk_module.TUNE_FROM_CHUNKS // 2, lambda variant: None)
+    assert short == chunk_module.DEFAULT_VARIANT
+    monkeypatch.setattr(chunk_module, "interpreting", lambda: True)
+    assert chunk_module._chosen_variant(("long",), 1024, lambda variant: None) == chunk_module.DEFAULT_VARIANT
+
+
+def test_long_prefills_keep_the_faster_variant(monkeypatch):
+    """Each variant timed once per key (here by a stand-in for do_bench that reports fixed times); the faster kept."""
+    runs = []
+    fake_ms = {"sequential_outputs": 2.0, "parallel_outputs": 1.0}
+
+    def fake_bench(fn):
+        fn()
+        return fake_ms[runs[-1]]
+
+    monkeypatch.setattr(chunk_module, "do_bench", fake_bench)
+    monkeypatch.setattr(chunk_module, "interpreting", lambda: False)
+    monkeypatch.setattr(chunk_module, "_variant_choices", {})
+    assert chunk_module._chosen_variant(("a",), 1024, runs.append) == "parallel_outputs"
+    assert sorted(runs) == sorted(chunk_module.PREFILL_VARIANTS)
+    fake_ms = {"sequential_outputs": 1.0, "parallel_outputs": 2.0}
+    assert chunk_module._chosen_variant(("a",), 1024, runs.append) == "parallel_outputs"  # kept, not re-timed
+    assert len(runs) == 2
+    assert chunk_module._chosen_variant(("b",), 1024, runs.append) == "sequential_outputs"
+
+
 @pytest.mark.parametrize("op", ["kda", "gdn"])
-def test_long_prefill_tunes_and_computes_the_recurrence(device, op):
-    """A prefill of TUNE_FROM_CHUNKS chunks times the whole space once (GPU only: the interpreter cannot time) and
-    the chosen launch computes the recurrence."""
+def test_long_prefill_tunes_and_computes_the_recurrence(device, monkeypatch, op):
+    """A prefill of TUNE_FROM_CHUNKS chunks times the whole space of every launcher of both variants once and keeps
+    the faster variant (GPU only: the interpreter cannot time); the result computes the recurrence."""
     if device != "cuda":
-        pytest.skip("timing configs needs a CUDA GPU: runs on the GPU machine (device tool)")
+        pytest.skip("timing launches needs a CUDA GPU (the interpreter cannot time)")
     chunks = chunk_module.TUNE_FROM_CHUNKS
     inputs = make_inputs(op, 1, chunks * 64, 1, 2, 128, 128, dtype=torch.bfloat16, device=device, seed=3)
-    state = LAUNCHERS["kda_state" if op == "kda" else "gdn_state"]
-    state.cache.clear()
+    monkeypatch.setattr(chunk_module, "_variant_choices", {})
+    stage_two_launchers = [LAUNCHERS[f"{op}_state"], chunk_module._state_only_launch, chunk_module._output_launch]
+    for launcher in stage_two_launchers:
+        launcher.cache.clear()
     output, final_state = run_prefill(op, inputs)
     reference_output, reference_state = naive_fp32(op, inputs)
     assert relative_rmse(output, reference_output) <= TOLERANCE
     assert relative_rmse(final_state, reference_state) <= TOLERANCE
-    bucket_at = state.keys.index("chunk_bucket")  # the key holds the named arguments in order, then dtypes
-    assert [key[bucket_at] for key in state.cache] == [chunks]
+    assert list(chunk_module._variant_choices.values()) in [[variant] for variant in chunk_module.PREFILL_VARIANTS]
+    for launcher in stage_two_launchers:
+        bucket_at = launcher.keys.index("chunk_bucket")  # the key holds the named arguments in order, then dtypes
+        assert [key[bucket_at] for key in launcher.cache] == [chunks]

@@ -7,6 +7,7 @@ import random
 
 import pytest
 import torch
+from dynts.cli import run_module
 from dynts.evals.synthetic_task import EVAL_SEED, FAMILIES, THINK_END, VOCAB, TaskConfig, find_value_copies, generate_problem
 from dynts.training.reasoner import (
     PAD,
@@ -19,7 +20,6 @@ from dynts.training.reasoner import (
     build_model,
     draw_config,
     learning_rate,
-    main,
     make_optimizer,
     parse_buckets,
     parse_families,
@@ -151,7 +151,7 @@ def test_a_toy_model_learns() -> None:
 
 def test_training_command_writes_checkpoint_tokenizer_log_and_predictor_problems(tmp_path) -> None:
     out = tmp_path / "reasoner"
-    code = main([
+    code = run_module("dynts.training.reasoner", [
         "--out", str(out), "--steps", "3", "--hidden-size", "32", "--layers", "1", "--intermediate-size", "64",
         "--buckets", "3-4", "--batch-tokens", "512", "--workers", "0", "--eval-steps", "3-3", "--eval-saves", "1",
         "--eval-problems", "2", "--eval-batch", "2", "--proxy-problems", "2", "--no-sweep", "--device", "cpu",
@@ -181,5 +181,4 @@ def test_training_command_writes_checkpoint_tokenizer_log_and_predictor_problems
     ["--predictor-seed", str(EVAL_SEED)],
 ])
 def test_bad_arguments_are_refused(tmp_path, arguments: list[str]) -> None:
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path), *arguments])
+    assert run_module("dynts.training.reasoner", ["--out", str(tmp_path), *arguments]) == 2

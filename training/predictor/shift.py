@@ -14,6 +14,9 @@ hidden states computed over a pruned cache. This script measures what that costs
 
     python -m dynts.training.predictor.shift --model PATH --predictor ip-head/ --synthetic 32 \\
         --budget 512 --window 128 --keep-ratio 0.3 --max-new-tokens 2048 --out shift.json
+    python -m dynts.training.predictor.shift --model bundled --synthetic 8 --budget 256 --window 64
+
+Every setting, the head and the input file are checked before the model loads.
 """
 
 from __future__ import annotations
@@ -28,11 +31,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dynts.config import CompressionConfig, resolve_think_end
+from dynts.cli import (
+    UsageError, add_model_arguments, chat_template_choice, check_predictor_fits, existing_file, load_model,
+    load_tokenizer, make_settings, non_negative_int, positive_int, read_predictor, shipped_predictor, think_end_ids,
+    unit_fraction,
+)
+from dynts.config import CompressionConfig
+from dynts.predictor import PredictorScorer
 from dynts.predictor.head import ImportancePredictor
-from .label_cli import CHAT_TEMPLATE, add_model_arguments, load_model
+from .label_cli import check_label_mode, read_questions
 from .labels import LABEL_MODES, label_sequence, normalise
-from dynts.predictor.scorer import PredictorScorer
 from .traces import Trace, prompt_token_ids, trace_spans
 from .train import recall_at
 
@@ -64,7 +72,7 @@ def generate_recording_hidden(
             return
         steps.append(output.last_hidden_state.detach().float().cpu())
         # After this step's compaction, tokens fed from the next position on see a pruned cache.
-        history = cache.stats.physical_len_history
+        history = cache.stats.history
         for row in range(len(prompts)):
             if first_eviction[row] is None and len(history) >= 2 and history[-1][row] < history[-2][row]:
                 first_eviction[row] = cache.compressor.logical_len
@@ -131,43 +139,56 @@ def trace_shift(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--predictor", type=Path, required=True, help="trained head directory")
+    parser.add_argument("--predictor", type=Path, default=None,
+                        help="trained head directory (default: the shipped head when --model is bundled)")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", type=Path, help="JSONL of questions")
-    source.add_argument("--synthetic", type=int, metavar="COUNT", help="COUNT evaluation problems of the synthetic task")
-    parser.add_argument("--question-field", default="problem")
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--chat-template", choices=list(CHAT_TEMPLATE), default="auto")
-    parser.add_argument("--budget", type=int, required=True)
-    parser.add_argument("--window", type=int, required=True)
-    parser.add_argument("--keep-ratio", type=float, default=0.3)
-    parser.add_argument("--think-end", default="</think>")
-    parser.add_argument("--max-new-tokens", type=int, default=4096)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=0.95)
-    parser.add_argument("--top-k", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", choices=LABEL_MODES, default="answer")
-    parser.add_argument("--horizon", type=int, default=None)
-    parser.add_argument("--recall-fraction", type=float, default=0.3)
+    source.add_argument("--data", type=existing_file, help="JSONL of questions")
+    source.add_argument("--synthetic", type=positive_int, metavar="COUNT", help="COUNT evaluation problems of the synthetic task")
+    parser.add_argument("--question-field", default="problem", help="question field of --data records")
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N questions")
+    parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                        help="wrap questions in the tokenizer's chat template (default: when it has one)")
+    cache = parser.add_argument_group("eviction (checked by CompressionConfig)")
+    cache.add_argument("--budget", type=int, required=True, help="compact a row when it holds this many tokens; > --window")
+    cache.add_argument("--window", type=int, required=True, help="most recent tokens always kept; >= 0")
+    cache.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens kept, in (0, 1]")
+    cache.add_argument("--think-end", default="</think>", help="text of the end-of-thinking marker")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=4096, help="generated tokens per trace at most")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="generation batch size")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=unit_fraction, default=0.95, help="nucleus sampling share (with --temperature > 0)")
+    parser.add_argument("--top-k", type=non_negative_int, default=20, help="sample among the k likeliest tokens; 0 = all")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--mode", choices=LABEL_MODES, default="answer",
+                        help="labels: answer = attention from the answer tokens; future = from the next --horizon tokens")
+    parser.add_argument("--horizon", type=positive_int, default=None, help="future mode: how many later tokens count")
+    parser.add_argument("--recall-fraction", type=unit_fraction, default=0.3, help="share of tokens in the predicted top set")
     parser.add_argument("--out", type=Path, default=None, help="write the per-trace and mean figures as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_model(args)
-    think_end = resolve_think_end(tokenizer, args.think_end)
-    head = ImportancePredictor.load(args.predictor, model=model)
+    # Everything is checked before the model loads: settings, head, questions, tokenizer and marker.
+    check_label_mode(args.mode, args.horizon)
+    settings = dict(budget=args.budget, window=args.window, keep_ratio=args.keep_ratio)
+    make_settings(CompressionConfig, **settings)
+    predictor_path = args.predictor or shipped_predictor(args.model)
+    if predictor_path is None:
+        raise UsageError("--predictor is required (a head from `dynts train-predictor`; only --model bundled ships one)")
+    head, identity = read_predictor(predictor_path, args.model)
     if args.synthetic is not None:
         from dynts.evals.synthetic_task import EVAL_SEED, generate_problems
 
         questions = [problem.prompt for problem in generate_problems(args.synthetic, EVAL_SEED)]
     else:
-        with open(args.data) as handle:
-            questions = [json.loads(line)[args.question_field] for line in handle if line.strip()]
+        questions, _ = read_questions(args.data, args.question_field, "answer", need_answers=False)
     questions = questions[: args.limit] if args.limit else questions
-    template = CHAT_TEMPLATE[args.chat_template]
-    config = CompressionConfig(budget=args.budget, window=args.window, keep_ratio=args.keep_ratio, think_end=think_end)
+    tokenizer = load_tokenizer(args.model)
+    think_end = think_end_ids(tokenizer, args.think_end)
+    config = make_settings(CompressionConfig, **settings, think_end=think_end)
+    template = chat_template_choice(tokenizer, args.chat_template)
+
+    model, tokenizer = load_model(args.model, args.device, args.dtype, tokenizer=tokenizer)
+    check_predictor_fits(identity, model, predictor_path)
     sampling = {"do_sample": False} if args.temperature <= 0 else {
         "do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
     }
@@ -177,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
     skipped = 0
     for start in range(0, len(questions), args.batch_size):
         prompts = [prompt_token_ids(tokenizer, question, template) for question in questions[start : start + args.batch_size]]
-        scorer = PredictorScorer(ImportancePredictor.load(args.predictor))
+        # The scorer owns its head (it moves and casts it): a fresh copy per batch keeps ``head`` the float32 original.
+        scorer = PredictorScorer(ImportancePredictor.load(predictor_path))
         completions, hidden, first_eviction = generate_recording_hidden(
             model, prompts, scorer, config, args.max_new_tokens, pad, sampling,
         )
@@ -205,11 +227,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dynts.training.predictor.shift", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from dynts.cli import run_module
+
+    raise SystemExit(run_module(__spec__.name))
