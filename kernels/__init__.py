@@ -2,21 +2,21 @@
 
 Each op has a torch reference (``reference.py``, the specification, also the CPU path). CUDA tensors take the
 Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``, ``decode_attention_kernel.py``,
-``fused_decode.py``) when Triton is installed; ``force_reference(True)`` or ``DYNTS_KERNELS=reference`` forces the
-torch path. Triton is imported only when a kernel first runs, so CPU installs without it import this package fine.
+``fused_decode.py``) when Triton is installed: the one dispatch rule and its switch (``DYNTS_KERNELS``,
+``set_kernel_mode``) are in ``dispatch.py`` and serve ``linear_attention/`` too. Triton is imported only when a kernel
+first runs, so CPU installs without it import this package fine.
 ``custom_ops.py`` registers ``torch.ops.dynts.decode_attention``, the form of ``decode_attention`` that
 ``torch.compile`` traces without a graph break.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from collections.abc import Sequence
 
 import torch
 
 from . import custom_ops  # noqa: F401  (registers torch.ops.dynts.decode_attention for torch.compile)
+from .dispatch import KERNEL_MODES, kernel_mode, kernels_in_mode, set_kernel_mode, use_triton
 from .decode_step_checks import check_rms_norm_args, check_rotary_and_store_args, check_silu_and_mul_args
 from .reference import (
     REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, decode_attention_reference,
@@ -25,26 +25,12 @@ from .reference import (
 from .validation import check_compaction_args, check_paged_compaction_args
 
 __all__ = [
-    "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "force_reference", "rms_norm",
-    "rotary_and_store", "silu_and_mul", "uses_reference",
+    "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "kernel_mode",
+    "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_and_mul", "use_triton",
 ]
-
-_force_reference = os.environ.get("DYNTS_KERNELS", "").lower() == "reference"
-_triton_installed = importlib.util.find_spec("triton") is not None
 
 # Longest query window one score-kernel call handles; longer windows (a prefill) are split into causal chunks.
 MAX_QUERY_CHUNK = 64
-
-
-def force_reference(enabled: bool = True) -> None:
-    """Route every op to its torch reference (True) or let CUDA tensors use the Triton kernels (False)."""
-    global _force_reference
-    _force_reference = enabled
-
-
-def uses_reference(tensor: torch.Tensor) -> bool:
-    """Whether an op on ``tensor`` runs the torch reference."""
-    return _force_reference or not tensor.is_cuda or not _triton_installed
 
 
 def compact_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
@@ -54,7 +40,7 @@ def compact_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, 
     Arguments are validated first (one device sync); bad ones raise ValueError.
     """
     rows, keep_index, keep_count = check_compaction_args(cache, rows, keep_index, keep_count)
-    if uses_reference(cache):
+    if not use_triton(cache):
         compact_reference_(cache, rows, keep_index, keep_count)
     else:
         from .compaction import compact_dense_
@@ -70,7 +56,7 @@ def compact_paged_(
     All layers and both K and V in one launch on the Triton path. Arguments are validated first (one device sync).
     """
     block_table, keep_index, keep_count = check_paged_compaction_args(kv_caches, block_table, keep_index, keep_count)
-    if uses_reference(kv_caches[0]):
+    if not use_triton(kv_caches[0]):
         compact_paged_reference_(kv_caches, block_table, keep_index, keep_count)
     else:
         from .paged import compact_paged_ as compact_paged_triton_
@@ -108,7 +94,7 @@ def attention_scores(
         query_count = torch.full((batch,), window, dtype=torch.long, device=queries.device)
     query_count = query_count.to(queries.device)
     if window <= MAX_QUERY_CHUNK:
-        if uses_reference(queries):
+        if not use_triton(queries):
             score = attention_scores_reference
         else:
             from .attention_score_kernel import attention_scores_triton as score
@@ -144,7 +130,7 @@ def decode_attention(
 ) -> torch.Tensor:
     """One decoding step's attention over each row's first ``lengths`` slots. See
     ``reference.decode_attention_reference``. No host synchronisation: safe inside a captured CUDA graph."""
-    if uses_reference(queries):
+    if not use_triton(queries):
         return decode_attention_reference(queries, keys, values, lengths, scale=scale)
     from .decode_attention_kernel import decode_attention as decode_attention_triton
 
@@ -158,7 +144,7 @@ def rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(normed, new residual stream): RMSNorm after the residual add. See ``reference.rms_norm_reference``."""
     check_rms_norm_args(hidden, weight, eps, residual)
-    if uses_reference(hidden):
+    if not use_triton(hidden):
         return rms_norm_reference(hidden, weight, eps=eps, residual=residual)
     from .fused_decode import rms_norm as rms_norm_triton
 
@@ -172,7 +158,7 @@ def rotary_and_store(
     """Rotated queries; the rotated keys and the values written at each row's ``slots`` entry of ``layer``. See
     ``reference.rotary_and_store_reference`` (``slots`` must lie in [0, capacity): they are not read on the host)."""
     check_rotary_and_store_args(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
-    if uses_reference(queries):
+    if not use_triton(queries):
         return rotary_and_store_reference(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
     from .fused_decode import rotary_and_store as rotary_and_store_triton
 
@@ -183,7 +169,7 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` (views of one fused gate/up projection are fine). See
     ``reference.silu_and_mul_reference``."""
     check_silu_and_mul_args(gate, up)
-    if uses_reference(gate):
+    if not use_triton(gate):
         return silu_and_mul_reference(gate, up)
     from .fused_decode import silu_and_mul as silu_and_mul_triton
 

@@ -24,8 +24,9 @@ torch.set_num_threads(1)
 
 
 @pytest.fixture(params=["cpu", "cuda"])
-def device(request: pytest.FixtureRequest) -> str:
-    """Where the Triton kernels under test run: 'cpu' (interpreter) or 'cuda' (compiled)."""
+def device(request: pytest.FixtureRequest):
+    """Where the Triton kernels under test run: 'cpu' (interpreter; the kernel mode is 'triton' for the test, so the
+    public ops run their kernels there too) or 'cuda' (compiled)."""
     if not TRITON_INSTALLED:
         pytest.skip("needs triton installed (pip install 'dynts[triton]')")
     if request.param == "cpu" and not INTERPRETING:
@@ -35,4 +36,7 @@ def device(request: pytest.FixtureRequest) -> str:
             pytest.skip("needs a CUDA GPU")
         if INTERPRETING:
             pytest.skip("TRITON_INTERPRET=1 is set: the compiled CUDA run needs it unset")
-    return request.param
+    from dynts.kernels import kernels_in_mode
+
+    with kernels_in_mode("triton"):
+        yield request.param

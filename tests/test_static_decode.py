@@ -150,7 +150,7 @@ def test_fused_step_is_chosen_where_supported_and_refused_elsewhere() -> None:
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])  # biases on q/k/v; q/k norms (Llama and Mistral: neither)
-def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, arch: str, monkeypatch) -> None:
+def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, arch: str) -> None:
     """One fused step with the Triton kernels (interpreted on CPU tensors, compiled on CUDA) against the same step on
     the torch references (the path the tests above check against HF's modules): the layouts the step hands the
     kernels (views of the QKV projection, per-head norms, strided storage) are the ones they compute right."""
@@ -163,14 +163,9 @@ def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, ar
     inputs = (torch.tensor([[4], [9], [50]], device=device), torch.tensor([[7], [60], [21]], device=device))
     initial_keys = key_cache.clone()
     want_keys, want_values = key_cache.clone(), value_cache.clone()
-    kernels.force_reference(True)
-    try:
+    with kernels.kernels_in_mode("reference"):
         want = step(*inputs, want_keys, want_values, slots, slots + 1)
-    finally:
-        kernels.force_reference(False)
-    if device == "cpu":
-        monkeypatch.setattr(kernels, "uses_reference", lambda tensor: False)  # the interpreter runs the kernels
-    got = step(*inputs, key_cache, value_cache, slots, slots + 1)
+    got = step(*inputs, key_cache, value_cache, slots, slots + 1)  # the device fixture: the kernels (interpreted on CPU)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(key_cache, want_keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(value_cache, want_values, rtol=1e-5, atol=1e-5)

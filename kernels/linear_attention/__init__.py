@@ -11,17 +11,17 @@ for GDN; beta [B, T, HV]; states [N, HV, K, V] float32; o [B, T, HV, V] in q's d
 B = 1 and ``cu_seqlens`` [N + 1]. ``chunk_*`` is the prefill (chunk 64); ``fused_recurrent_*`` the decode,
 which by default writes the final state into ``initial_state`` (``inplace_final_state=True``).
 
-CUDA tensors run the Triton kernels, as do CPU tensors under ``TRITON_INTERPRET=1``; other CPU tensors run the
-naive float32 recurrence in ``naive.py`` (the specification the kernels are tested against).
+Which path runs follows ``dynts.kernels.dispatch``: the Triton kernels for CUDA tensors (and for CPU tensors under
+``TRITON_INTERPRET=1`` in mode ``triton``, as the tests use), else the naive float32 recurrence in ``naive.py`` (the
+specification the kernels are tested against).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .chunk import chunk_delta_rule_triton
-from .common import check_cu_seqlens_values, check_inputs, use_triton
-from .fused_recurrent import fused_recurrent_delta_rule_triton
+from ..dispatch import use_triton
+from .common import check_cu_seqlens_values, check_inputs
 from .naive import naive_recurrent_gated_delta_rule, naive_recurrent_kda
 
 __all__ = [
@@ -44,6 +44,8 @@ def _chunk(op: str, per_channel: bool, q, k, v, g, beta, scale, initial_state, o
         naive = naive_recurrent_kda if per_channel else naive_recurrent_gated_delta_rule
         return naive(q, k, v, g, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
                      cu_seqlens)
+    from .chunk import chunk_delta_rule_triton  # imports Triton: only when a kernel runs
+
     return chunk_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state,
                                    use_qk_l2norm_in_kernel, cu_seqlens, per_channel)
 
@@ -71,6 +73,8 @@ def _fused_recurrent(op: str, per_channel: bool, q, k, v, g, beta, scale, initia
         final_state = None
     if initial_state is not None and not initial_state.is_contiguous():
         initial_state = initial_state.contiguous()
+    from .fused_recurrent import fused_recurrent_delta_rule_triton  # imports Triton: only when a kernel runs
+
     out = fused_recurrent_delta_rule_triton(q, k, v, g, beta, scale, initial_state, final_state,
                                             use_qk_l2norm_in_kernel, cu_seqlens, per_channel)
     return out, final_state if output_final_state else None

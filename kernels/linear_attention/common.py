@@ -1,25 +1,15 @@
-"""Shared checks and dispatch rules for the linear-attention ops."""
+"""Shared checks of the linear-attention ops (which kernel runs is decided by ``dynts.kernels.dispatch``)."""
 
 from __future__ import annotations
 
-import os
-
 import torch
+
+from ..dispatch import interpreting  # noqa: F401  (the kernels pick single launch shapes under the interpreter)
 
 CHUNK_SIZE = 64
 # Register budget of the kernels: a whole key row and a whole value row (padded to a power of two) per program.
 MAX_HEAD_DIM = 256
 INPUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def interpreting() -> bool:
-    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Triton for CUDA tensors (and for CPU tensors under the interpreter); the torch reference otherwise."""
-    return tensor.is_cuda or interpreting()
 
 
 def check_inputs(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import dynts.kernels as kernels
-from dynts.kernels import compact_, compact_paged_, force_reference, uses_reference
+from dynts.kernels import compact_, compact_paged_, kernels_in_mode, set_kernel_mode, use_triton
 from dynts.kernels.reference import compact_paged_reference_, compact_reference_
 
 
@@ -22,16 +23,16 @@ def dense_args(device="cpu"):
     return cache, rows, keep_index, keep_count
 
 
-def test_force_reference_switch():
+def test_kernel_mode_switch():
     cpu = torch.zeros(1)
-    previous = kernels._force_reference
-    try:
-        force_reference(True)
-        assert uses_reference(cpu)
-        force_reference(False)
-        assert uses_reference(cpu)  # CPU tensors always take the reference
-    finally:
-        force_reference(previous)
+    with kernels_in_mode("reference"):
+        assert not use_triton(cpu)
+    with kernels_in_mode("auto"):
+        assert not use_triton(cpu)  # CPU tensors take the reference
+    with kernels_in_mode("triton"):  # the interpreter runs kernels on CPU tensors (the tests' mode)
+        assert use_triton(cpu) == (os.environ.get("TRITON_INTERPRET") == "1")
+    with pytest.raises(ValueError, match=r"kernel mode must be one of \('auto', 'reference', 'triton'\), got 'fast'"):
+        set_kernel_mode("fast")
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
