@@ -72,3 +72,42 @@ def test_protected_slots_from_positions():
     unprotected = protected_slots(positions, spans_tensor([request_spans(
         CompressionConfig(budget=8, window=1, protect_prompt=False, protect_answer=False), 2, 6)], "cpu"))
     assert not unprotected.any()
+
+
+@pytest.mark.parametrize("budget_mode", ["dynts", "fixed"])
+def test_the_count_only_twin_agrees_with_plan_compaction(budget_mode: str) -> None:
+    """The vLLM scheduler never sees scores or slots: compacted_length(physical, protected tokens before the window),
+    with the window taken as the newest logical tokens (all resident) and every protected token resident, must land
+    on the count plan_compaction keeps, for any lengths, windows, ratios, modes and protected spans."""
+    from dynts.policy import OPEN_END, compacted_length, plan_compaction, protected_count
+
+    generator = torch.Generator().manual_seed(0)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high, (1,), generator=generator))
+
+    checked = 0
+    for trial in range(400):
+        window = draw(0, 12)
+        budget = window + draw(1, 40)
+        extra = {"buffer": draw(1, 9)} if budget_mode == "fixed" else {}
+        config = CompressionConfig(budget=budget, window=window, keep_ratio=float(torch.rand(1, generator=generator)) * 0.95 + 0.05,
+                                   budget_mode=budget_mode, **extra)
+        logical = draw(1, 3 * budget + 30)
+        prompt = draw(0, min(15, logical) + 1)
+        answer = None if trial % 3 else draw(prompt, logical + 1)
+        spans = [(0, prompt)] + ([(answer, OPEN_END)] if answer is not None else [])
+        recent = set(range(logical - min(window, logical), logical))
+        protected = {p for p in range(logical) if any(a <= p < b for a, b in spans)}
+        others = sorted(set(range(logical)) - recent - protected)
+        survivors = [others[i] for i in torch.randperm(len(others), generator=generator)[: draw(0, len(others) + 1)].tolist()]
+        held = sorted(recent | protected | set(survivors))
+        length = len(held)
+        if length < min(window, logical):
+            continue
+        plan = plan_compaction(torch.rand(1, 1, 1, length, generator=generator), torch.tensor(held).view(1, 1, 1, -1),
+                               torch.tensor([length]), [spans], config, num_layers=1, kv_heads=1)
+        twin = compacted_length(config, length, protected_count(spans, logical - min(window, length)))
+        assert int(plan.keep_count[0]) == twin, (config, logical, spans, held)
+        checked += 1
+    assert checked > 300
