@@ -35,8 +35,8 @@ fused step's concatenated QKV weights included; weights and prefill leftovers ex
 and step kind: the scoring + eviction share of decode time and, per compaction, its synchronisation interval's time
 per step over the intervals just before it, and its spike: the compaction step's time (the interval's steps plus
 the excess of its synchronisation over theirs) over an ordinary step's (``compaction_spikes``). JSON, a plot and a
-markdown table (the README's) go to ``--out``; ``--replot JSON`` redraws the plot and table from a saved JSON (the
-GPU machine may lack matplotlib).
+markdown table (the README's) go to ``--out``; ``--replot JSON`` redraws the plot and table from a saved JSON (on a
+machine without matplotlib the plot is skipped).
 
 GPU time on an H200, per model, both step kinds: the full-cache points ~80 s (prefills of 2k-15k tokens x 20 rows
 for each kind, ~95 GB at 15k for Llama-8B: an 80 GB card reports those points as out of memory), dynts ~130 s

@@ -1,7 +1,7 @@
 """Shared test setup.
 
 Triton kernel tests run twice, through the ``device`` fixture: on CPU tensors under the Triton interpreter (CI) and
-on CUDA tensors compiled (the GPU machine). Triton decides when a kernel is defined whether to interpret it, so the
+on CUDA tensors compiled (a machine with a CUDA GPU). Triton decides when a kernel is defined whether to interpret it, so the
 switch is set here, before any test module imports a kernel: without a CUDA device, TRITON_INTERPRET=1 is the default.
 """
 

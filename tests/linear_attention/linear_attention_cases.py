@@ -62,8 +62,8 @@ def naive_fp32(op: str, inputs: dict, **kwargs) -> tuple[torch.Tensor, torch.Ten
 def transformers_torch_path(model: torch.nn.Module):
     """Route ``model``'s linear-attention dispatch points to transformers' own torch functions while inside.
 
-    transformers picks fla over its torch code when fla is installed (as on the GPU machine, where fla travels as
-    the independent reference); the HF tests compare against the torch code whatever is installed.
+    transformers picks fla over its torch code when fla is installed (where fla is installed as the independent
+    reference of the benchmarks); the HF tests compare against the torch code whatever is installed.
     """
     points = find_dispatch_points(model)
     originals = [getattr(module, attribute) for module, attribute, _ in points]
