@@ -2,18 +2,20 @@
 
     LLM(model, additional_config={"dynts": {"budget": 5000, "window": 2000, "keep_ratio": 0.3,
                                             "scorer": "predictor", "predictor": "/path/to/ip-head"}})
-    vllm serve MODEL --additional-config '{"dynts": {...}}'
+    python -m vllm.entrypoints.openai.api_server --model MODEL --additional-config '{"dynts": {...}}'
 
 ``register`` is the ``vllm.general_plugins`` entry point; vLLM runs it in every process (front end, engine core,
 workers). It installs hooks that do nothing unless the engine's ``additional_config`` has a ``"dynts"`` object:
 without it vLLM behaves exactly as without the plugin.
 
 * config hook (front end): validates the settings and the engine features, turns off prefix caching and async
-  scheduling unless they were asked for (then it refuses them), installs ``DynTSScheduler``;
+  scheduling unless they were asked for (then it refuses them), picks piecewise CUDA graphs for scorers that read
+  attention queries (refusing full ones by name), installs ``DynTSScheduler``;
 * ``DynTSScheduler`` (engine core, ``scheduler.py``): decides compactions, frees tail blocks, allocates by
   physical length;
 * model-runner hooks (workers, ``worker.py``): compaction inside the request's blocks, physical slots and lengths,
-  scoring of new tokens;
+  scoring of new tokens, attention queries of every layer for the scorers that read them, suspension of preempted
+  requests to host memory and their restoration;
 * ``DynTSWorkerExtension`` (workers): RPCs for tests and debugging, installed as vLLM's ``worker_extension_cls``.
 
 Every private piece of vLLM these rely on is listed in ``patches.py`` and checked when the plugin loads: a vLLM whose
@@ -27,7 +29,7 @@ import logging
 from typing import Any
 
 from .patches import check_patch_points
-from .settings import CONFIG_KEY, SCHEDULER_CLASS, DynTSSettings, check_engine
+from .settings import CONFIG_KEY, SCHEDULER_CLASS, DynTSSettings, check_engine, full_cudagraph_problem
 
 __all__ = ["SUPPORTED_VLLM", "DynTSWorkerExtension", "register", "unsupported_vllm"]
 
@@ -78,6 +80,28 @@ def requested(additional_config: Any) -> bool:
     return isinstance(additional_config, dict) and CONFIG_KEY in additional_config
 
 
+def prepare_engine_args(engine_args: Any, settings: DynTSSettings) -> None:
+    """Defaults that must be chosen before vLLM resolves the engine config."""
+    # Features eviction cannot run with are turned off unless the user asked for them (then: a clear error).
+    for feature in ("enable_prefix_caching", "async_scheduling"):
+        if getattr(engine_args, feature) is None:
+            setattr(engine_args, feature, False)
+    if not settings.needs_queries:
+        return
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    # The query hook runs in Python around each layer's attention: piecewise CUDA graphs leave attention outside the
+    # graphs (vLLM's default on CUDA, FULL_AND_PIECEWISE, replays decode attention inside one).
+    compilation = engine_args.compilation_config
+    mode = compilation.cudagraph_mode
+    if mode is not None and mode.has_full_cudagraphs():
+        raise ValueError(f"additional_config['{CONFIG_KEY}'] (KV eviction) cannot run with: "
+                         + full_cudagraph_problem(settings, mode.name))
+    if mode is None and current_platform.is_cuda_alike():
+        compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+
+
 def prepare_engine_config(vllm_config: Any) -> None:
     """Validate the dynts settings against the engine config and install the dynts scheduler (no-op without them)."""
     settings = DynTSSettings.from_additional_config(vllm_config.additional_config)
@@ -94,7 +118,8 @@ class DynTSWorkerExtension:
     """Per-worker RPCs of an engine with the flag, for tests and debugging (``collective_rpc``: one result per rank).
 
     ``dynts_stats``: compactions, evicted tokens, the most blocks one request held, the most requests running at
-    once, the pool's free blocks and the preemptions so far; ``dynts_reset_stats`` zeroes the counters and maxima;
+    once, the pool's free blocks, the preemptions so far and what became of the preempted requests (suspended to
+    host memory, restored, recomputed; host bytes held); ``dynts_reset_stats`` zeroes the counters and maxima;
     ``dynts_take_finished_positions``: with ``record_positions``, the resident logical positions of each request
     finished since the last call, by vLLM's request id.
     """
@@ -127,10 +152,7 @@ def _install_config_hook(refuse: str | None) -> None:
     @functools.wraps(create_engine_config)
     def create_engine_config_with_dynts(self: Any, *args: Any, **kwargs: Any) -> Any:
         if refuse is None and requested(self.additional_config):
-            # Features eviction cannot run with are turned off unless the user asked for them (then: a clear error).
-            for feature in ("enable_prefix_caching", "async_scheduling"):
-                if getattr(self, feature) is None:
-                    setattr(self, feature, False)
+            prepare_engine_args(self, DynTSSettings.from_additional_config(self.additional_config))
         vllm_config = create_engine_config(self, *args, **kwargs)
         if refuse is not None and requested(vllm_config.additional_config):
             raise ValueError(f"additional_config['{CONFIG_KEY}']: {refuse}")
@@ -195,7 +217,7 @@ def _install_runner_hooks() -> None:
         result = prepare_inputs(self, scheduler_output, *args, **kwargs)
         dynts = getattr(self, "_dynts", None)
         if dynts is not None:
-            dynts.fix_inputs(self, scheduler_output.total_num_scheduled_tokens)
+            dynts.before_forward(self, scheduler_output)
         return result
 
     GPUModelRunner.initialize_kv_cache = initialize_kv_cache_with_dynts

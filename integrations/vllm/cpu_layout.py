@@ -1,4 +1,5 @@
-"""Compaction inside a request's own KV blocks for vLLM's CPU attention backend (``CPU_ATTN``), in torch.
+"""Compaction inside a request's own KV blocks for vLLM's CPU attention backend (``CPU_ATTN``), and the gather of
+its keys for the scorers that read them, in torch.
 
 Each layer's cache is [num_blocks, kv_heads, block_size, 2 * head_size]: per (block, head) a region of
 ``2 * block_size * head_size`` elements holding the block's keys then its values, in an order that depends on the
@@ -101,3 +102,14 @@ class CPUBlockLayout:
             head = torch.arange(flat.shape[1]).view(1, -1, 1)
             moved = flat[source_block, head, source_offset]  # advanced indexing copies: all reads precede the writes
             flat[destination_block, head, destination_offset] = moved
+
+    def gather_keys(self, cache: torch.Tensor, block_ids: Sequence[int], length: int) -> torch.Tensor:
+        """[kv_heads, length, head_size]: the keys of a request's first ``length`` slots in one layer's cache
+        ([num_blocks, kv_heads, block_size, 2 * head_size]), in slot order."""
+        slot = torch.arange(length)
+        table = torch.as_tensor(list(block_ids[: -(-length // self.block_size)]), dtype=torch.long)
+        flat = cache.view(cache.shape[0], cache.shape[1], -1)  # [num_blocks, kv_heads, region]
+        block = table[slot // self.block_size].view(1, -1, 1)
+        offset = self.offsets[slot % self.block_size, : self.head_size].unsqueeze(0)  # the key features
+        head = torch.arange(flat.shape[1]).view(-1, 1, 1)
+        return flat[block, head, offset]

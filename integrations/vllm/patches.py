@@ -80,6 +80,20 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
         "the engine arguments the config hook reads and defaults (see create_engine_config).",
     ),
     PatchPoint(
+        "vllm.config.compilation:CompilationConfig", "read and set", ("cudagraph_mode",), "attributes",
+        "config/compilation.py:610. Scorers that read attention queries need attention outside CUDA graphs: the config "
+        "hook sets PIECEWISE when the user chose no mode (vLLM's CUDA default, FULL_AND_PIECEWISE, replays decode "
+        "attention inside a full graph) and refuses a mode with full graphs by name.",
+    ),
+    PatchPoint(
+        "vllm.config.compilation:CUDAGraphMode", "read", ("PIECEWISE", "has_full_cudagraphs"), "attributes",
+        "config/compilation.py:53. The modes the config hook picks or refuses.",
+    ),
+    PatchPoint(
+        "vllm.platforms.interface:Platform.is_cuda_alike", "called", ("self",), "exact",
+        "platforms/interface.py. CUDA graphs (and so the piecewise default) exist on CUDA-like platforms only.",
+    ),
+    PatchPoint(
         "vllm.config:VllmConfig._get_v2_model_runner_unsupported_features", "wrapped", ("self",), "exact",
         "config/vllm.py:2914, read by VllmConfig.use_v2_model_runner (config/vllm.py:703). The hooks are written for "
         "the V1 runner; this is how vLLM picks V1 per engine (VLLM_USE_V2_MODEL_RUNNER would be process-wide).",
@@ -98,7 +112,43 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     PatchPoint(
         f"{_RUNNER}._prepare_inputs", "wrapped", ("self", "scheduler_output"), "leading",
         "gpu_model_runner.py:1920. Write slots and attention lengths become physical after vLLM computed the logical "
-        "ones; positions stay logical (RoPE). No hook exists between input preparation and the forward.",
+        "ones; positions stay logical (RoPE). Restored K/V go into the blocks vLLM's _update_states gave a resumed "
+        "request (after any zeroing of new blocks). No hook exists between input preparation and the forward.",
+    ),
+    PatchPoint(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl.forward", "wrapped per instance",
+        ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), "leading",
+        "cpu_attn.py:344. Scorers that read queries (h2o, snapkv, tova, rkv) need each layer's post-RoPE queries after "
+        "the layer stored its keys: vLLM calls impl.forward from the body of its opaque attention custom op, with the "
+        "step's queries first. The wrapper is an attribute of each impl instance of an engine with such a scorer "
+        "(the class stays untouched). No attention hook or query output exists in vLLM.",
+    ),
+    PatchPoint(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl.forward", "wrapped per instance",
+        ("self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output"), "leading",
+        "flash_attn.py:1177. As CPUAttentionBackendImpl.forward, for the CUDA path.",
+    ),
+    PatchPoint(
+        "vllm.v1.attention.backends.cpu_attn:CPUAttentionBackendImpl", "read", ("scale",), "attributes",
+        "the attention scale the scorers use (HF: the attention module's scaling).",
+    ),
+    PatchPoint(
+        "vllm.v1.attention.backends.flash_attn:FlashAttentionImpl", "read", ("scale",), "attributes",
+        "as CPUAttentionBackendImpl.scale.",
+    ),
+    PatchPoint(
+        "vllm.model_executor.layers.attention.attention:Attention", "read", ("impl", "kv_cache"), "attributes",
+        "the attention layers of static_forward_context: their backend impl (wrapped, its scale read) and their KV "
+        "cache tensor (scorers read a request's keys from it).",
+    ),
+    PatchPoint(
+        "vllm.model_executor.models.utils:extract_layer_index", "called", ("layer_name",), "leading",
+        "models/utils.py. Orders the attention layers by their index in the model (scorers keep per-layer state).",
+    ),
+    PatchPoint(
+        "vllm.distributed:tensor_model_parallel_all_gather", "called", ("input_", "dim"), "leading",
+        "distributed/communication_op.py. Attention scores are partial on each tensor-parallel rank (its share of the "
+        "heads): ranks gather them before choosing, so that every rank keeps the same tokens.",
     ),
     PatchPoint(
         _RUNNER, "read",
@@ -106,7 +156,8 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
          "req_indices", "kv_caches", "execute_model_state", "compilation_config", "kv_cache_config", "model_config",
          "parallel_config", "vllm_config", "device", "get_model"),
         "attributes",
-        "the runner state the worker hooks read and rewrite (seq_lens, slot mapping) or compact (kv_caches).",
+        "the runner state the worker hooks read and rewrite (seq_lens, slot mapping), compact, save and restore "
+        "(kv_caches).",
     ),
     PatchPoint(
         "vllm.v1.worker.gpu_model_runner:ExecuteModelState", "read", ("hidden_states",), "attributes",
@@ -120,7 +171,9 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     ),
     PatchPoint(
         "vllm.v1.worker.gpu_input_batch:CachedRequestState", "read", ("block_ids",), "attributes",
-        "a request's block list on the worker, cut after a compaction to the blocks the scheduler kept.",
+        "a request's block list on the worker, cut after a compaction to the blocks the scheduler kept. A preempted "
+        "request keeps its old list until it resumes (gpu_model_runner.py:1212-1232): its resident blocks are saved "
+        "from it; a resumed one gets its new list in _update_states, where the saved blocks are restored.",
     ),
     PatchPoint(
         "vllm.v1.worker.block_table:MultiGroupBlockTable.compute_slot_mapping", "called",
@@ -148,20 +201,54 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     ),
     PatchPoint(
         f"{_SCHEDULER}._preempt_request", "overridden", ("self", "request"), "leading",
-        "scheduler.py:1571. Counts preemptions (no public event for them).",
+        "scheduler.py:1571. Preemption is where a request is suspended (its logical and physical length read before "
+        "vLLM sets num_computed_tokens to 0; a Suspend command for the workers); no connector or public event fires "
+        "on it (KVConnectorBase_V1.request_finished does not).",
     ),
     PatchPoint(
         f"{_SCHEDULER}._free_request_blocks", "overridden", ("self", "request"), "exact",
         "scheduler.py:2766. The one place where preemption and finishing (abort included) free a request's blocks: "
-        "its eviction state is dropped there.",
+        "the eviction state of a finished request (or one preempted past the host-memory cap) is dropped there, a "
+        "suspended one's kept.",
     ),
     PatchPoint(
-        _SCHEDULER, "read", ("running", "kv_cache_manager", "schedule"), "attributes",
+        f"{_SCHEDULER}._get_local_prefix_cache_hit", "overridden", ("self", "request"), "exact",
+        "scheduler.py:558, returns (blocks, computed tokens, shared-prefix boundary, diverged). Called when a waiting "
+        "request with no computed tokens is admitted (scheduler.py:960-967): for a suspended one it reports the "
+        "saved logical length as computed with KVCacheManager.empty_kv_cache_blocks, so vLLM allocates blocks for "
+        "its physical length plus the new tokens only (kv_cache_manager.py:371-583) and schedules just those. "
+        "vLLM's KV connectors would do this through an asynchronous-load path keyed by prefix-cache hashes, which "
+        "compacted blocks do not have, and would exclude users' own connectors.",
+    ),
+    PatchPoint(
+        f"{_SCHEDULER}._reserve_prefill_lookahead", "overridden",
+        ("self", "request", "num_computed_tokens", "num_new_tokens"), "exact",
+        "scheduler.py:570, called on every request's token count of a step just before its blocks are allocated "
+        "(running and waiting loops). A request recomputing its tokens past the host-memory cap stops each chunk at "
+        "its compaction trigger, so that it never holds more than the block bound. No per-request chunk limit "
+        "exists otherwise (long_prefill_token_threshold is global).",
+    ),
+    PatchPoint(
+        _SCHEDULER, "read", ("running", "kv_cache_manager", "schedule", "block_size"), "attributes",
         "the running requests are compacted before each schedule(); the manager gives blocks back.",
     ),
     PatchPoint(
-        "vllm.v1.core.kv_cache_manager:KVCacheManager", "read", ("coordinator", "block_pool"), "attributes",
-        "the full-attention manager is reached through the coordinator; the pool's free count goes to the workers.",
+        "vllm.v1.core.kv_cache_manager:KVCacheManager", "read", ("coordinator", "block_pool", "empty_kv_cache_blocks"),
+        "attributes",
+        "the full-attention manager is reached through the coordinator; the pool's free count goes to the workers; "
+        "a resumed suspended request adopts no cached block (empty_kv_cache_blocks).",
+    ),
+    PatchPoint(
+        "vllm.v1.kv_cache_interface:KVCacheConfig", "read", ("kv_cache_groups",), "attributes",
+        "the KV cache groups: one full-attention group is required (scheduler and worker).",
+    ),
+    PatchPoint(
+        "vllm.v1.kv_cache_interface:KVCacheGroupSpec", "read", ("kv_cache_spec", "layer_names"), "attributes",
+        "a group's spec and layers: the host bytes a suspended request's blocks take (page size x layers).",
+    ),
+    PatchPoint(
+        "vllm.v1.kv_cache_interface:FullAttentionSpec", "read", ("block_size", "page_size_bytes"), "attributes",
+        "block size and bytes of one block of one layer.",
     ),
     PatchPoint(
         "vllm.v1.core.kv_cache_coordinator:KVCacheCoordinator", "read", ("single_type_managers",), "attributes",
@@ -197,13 +284,13 @@ PATCH_POINTS: tuple[PatchPoint, ...] = (
     PatchPoint(
         "vllm.v1.core.sched.output:SchedulerOutput", "read",
         ("scheduled_new_reqs", "scheduled_cached_reqs", "num_scheduled_tokens", "total_num_scheduled_tokens",
-         "finished_req_ids"),
+         "finished_req_ids", "preempted_req_ids"),
         "attributes",
         "what the worker hooks read of a step; the scheduler attaches its compaction plan as an extra attribute.",
     ),
     PatchPoint(
-        "vllm.v1.core.sched.output:CachedRequestData", "read", ("req_ids", "resumed_req_ids"), "attributes",
-        "a resumed request starts fresh dynts state on the worker.",
+        "vllm.v1.core.sched.output:CachedRequestData", "read", ("resumed_req_ids",), "attributes",
+        "a resumed request takes back its suspended state, or starts fresh when it recomputes.",
     ),
 )
 

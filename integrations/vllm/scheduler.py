@@ -7,8 +7,16 @@ whose protected tokens overflowed the keep quota, the kept length plus the usual
 The new length comes from ``CompressionConfig`` (window + kept share of the older tokens, never fewer than the
 protected ones), the blocks past it go back to the pool at once, and a ``Compaction`` command travels to the
 workers with the step: the same timing as HF, where a row is compacted right after the step that filled it.
-Block allocation follows the physical length (``_PhysicalLengthManager``). Preemption and finishing drop the
-request's state: a resumed request recomputes its tokens from scratch, like in plain vLLM.
+Block allocation follows the physical length (``_PhysicalLengthManager``).
+
+Preemption keeps a request's resident set: the request is *suspended* (a ``Suspend`` command: the worker copies the
+K/V of its physical slots to host memory before this step's forward and parks its slot table and scorer state; the
+scheduler keeps its eviction state), and when vLLM resumes it, the prefix-cache lookup reports its logical length
+as already computed, so vLLM allocates blocks for its physical length plus the new token only and schedules just the
+tokens after it; a ``restore`` puts the K/V into the new blocks. Past the host-memory cap (``suspend_memory_gib``),
+a preempted request drops its state and recomputes its tokens when it resumes, as in plain vLLM, but in chunks that
+end at each compaction trigger, so that it never holds more blocks than the bound (its keep-sets, hence its output,
+may then differ from an undisturbed run's). Finishing (abort included) drops everything.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from vllm.v1.request import Request
 
 from ...policy import compacted_length, next_trigger, protected_count, quota_overflows, request_spans
 from ...tracking import ThinkEndScanner
-from .protocol import ATTRIBUTE, Compaction, StepPlan
+from .protocol import ATTRIBUTE, Compaction, StepPlan, Suspend
 from .settings import DynTSSettings, check_engine
 
 
@@ -94,6 +102,13 @@ class DynTSScheduler(Scheduler):
         self._dynts_compactions: list[Compaction] = []
         self._dynts_preemptions = 0
         self._dynts_manager = self._install_manager(kv_cache_config)
+        # Suspended requests: logical length computed when preempted, and the host bytes their K/V take on a worker.
+        self._dynts_suspended: dict[str, tuple[int, int]] = {}
+        self._dynts_suspends: list[Suspend] = []  # for the next step's plan
+        self._dynts_preempting: str | None = None  # set while vLLM frees the blocks of a request being suspended
+        self._dynts_block_bytes = sum(
+            group.kv_cache_spec.page_size_bytes * len(group.layer_names) for group in kv_cache_config.kv_cache_groups
+        )
 
     def _install_manager(self, kv_cache_config: Any) -> _PhysicalLengthManager:
         groups = kv_cache_config.kv_cache_groups
@@ -118,14 +133,25 @@ class DynTSScheduler(Scheduler):
         state = self._dynts_requests.get(request_id)
         return 0 if state is None else state.evicted
 
+    def suspended_bytes(self) -> int:
+        """Host memory the suspended requests' K/V take on each worker (whole blocks, every layer)."""
+        return sum(size for _, size in self._dynts_suspended.values())
+
     # ------------------------------------------------------------------ scheduling
     def schedule(self, *args: Any, **kwargs: Any) -> SchedulerOutput:
         self._dynts_compactions = []
         for request in self.running:
             self._maybe_compact(request)
         output = super().schedule(*args, **kwargs)
+        # A request preempted by reset_prefix_cache (outside schedule) may be suspended and resumed within this one
+        # step: the worker saves before it restores.
+        restores = [req_id for req_id in output.scheduled_cached_reqs.resumed_req_ids
+                    if self._dynts_suspended.pop(req_id, None) is not None]
+        suspends, self._dynts_suspends = self._dynts_suspends, []
         plan = StepPlan(
             compactions=list(self._dynts_compactions),
+            suspends=suspends,
+            restores=restores,
             num_free_blocks=self.kv_cache_manager.block_pool.get_num_free_blocks(),
             num_running=len(self.running),
             num_preemptions=self._dynts_preemptions,
@@ -173,10 +199,50 @@ class DynTSScheduler(Scheduler):
 
     def _preempt_request(self, request: Request, *args: Any, **kwargs: Any) -> None:
         self._dynts_preemptions += 1
-        super()._preempt_request(request, *args, **kwargs)
+        request_id = request.request_id
+        logical_len = request.num_computed_tokens  # vLLM sets it to 0 below
+        physical_len = logical_len - self.evicted(request_id)
+        size = cdiv(physical_len, self.block_size) * self._dynts_block_bytes
+        suspend = logical_len > 0 and self.suspended_bytes() + size <= self.dynts_settings.suspend_memory_bytes
+        # Without a suspension, _free_request_blocks drops the eviction state as for a finished request: the request
+        # recomputes its tokens when it resumes.
+        self._dynts_preempting = request_id if suspend else None
+        try:
+            super()._preempt_request(request, *args, **kwargs)
+        finally:
+            self._dynts_preempting = None
+        if suspend:
+            self._dynts_suspended[request_id] = (logical_len, size)
+            self._dynts_suspends.append(Suspend(req_id=request_id, physical_len=physical_len))
 
     def _free_request_blocks(self, request: Request) -> None:
-        # Preemption and finishing (abort included) both free all blocks here: the request starts over if resumed.
-        self._dynts_requests.pop(request.request_id, None)
-        self._dynts_compactions = [c for c in self._dynts_compactions if c.req_id != request.request_id]
+        request_id = request.request_id
+        if request_id != self._dynts_preempting:  # finished, aborted, or preempted past the host-memory cap
+            self._dynts_requests.pop(request_id, None)
+            self._dynts_suspended.pop(request_id, None)
+            self._dynts_compactions = [c for c in self._dynts_compactions if c.req_id != request_id]
+            self._dynts_suspends = [s for s in self._dynts_suspends if s.req_id != request_id]
+        # A suspended request keeps this step's compaction: the worker compacts it, then saves what it kept.
         super()._free_request_blocks(request)
+
+    def _get_local_prefix_cache_hit(self, request: Request) -> tuple[Any, int, int, bool]:
+        """A suspended request resumes with its logical length computed: vLLM then allocates blocks for its physical
+        length (plus the new tokens) only, adopts no cached block, and schedules just the tokens after it."""
+        suspended = self._dynts_suspended.get(request.request_id)
+        if suspended is None:
+            return super()._get_local_prefix_cache_hit(request)
+        return self.kv_cache_manager.empty_kv_cache_blocks, suspended[0], 0, False
+
+    def _reserve_prefill_lookahead(self, request: Request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """Called by vLLM on every request's token count just before it allocates blocks: a request recomputing its
+        tokens after a preemption (past the host-memory cap) stops each chunk at the end of its prompt, then at its
+        compaction trigger, so that it is compacted before it grows further, as when it first decoded them."""
+        num_new_tokens = super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        if num_computed_tokens < request.num_prompt_tokens:
+            # No cap inside the prompt (a prompt is held whole, then compacted); for a request that is not replaying
+            # output tokens the chunk ends at the prompt's end anyway.
+            return min(num_new_tokens, request.num_prompt_tokens - num_computed_tokens)
+        state = self._dynts_requests.get(request.request_id)
+        trigger = self.dynts_config.trigger if state is None else state.trigger
+        physical_len = num_computed_tokens - self.evicted(request.request_id)
+        return min(num_new_tokens, max(1, trigger - physical_len))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -19,8 +20,9 @@ from ...scorers import SCORERS, Scorer, get_scorer
 CONFIG_KEY = "dynts"
 # The scheduler the config hook installs; the worker checks for it (a config built without the hook fails closed).
 SCHEDULER_CLASS = "dynts.integrations.vllm.scheduler.DynTSScheduler"
-# Scorers that run inside vLLM: they need no attention queries. "predictor" is the learned DynTS head.
-VLLM_SCORERS = ("predictor", "window", "streamingllm", "sepllm", "random")
+# Scorers that run inside vLLM: every one but "external" (a Python callable, which a JSON config cannot carry).
+# "predictor" is the learned DynTS head; h2o, snapkv, tova and rkv read the queries the worker captures.
+VLLM_SCORERS = ("predictor", "h2o", "snapkv", "tova", "rkv", "window", "streamingllm", "sepllm", "random")
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ class DynTSSettings:
     scorer:           one of ``VLLM_SCORERS``.
     scorer_kwargs:    constructor arguments of the scorer (e.g. ``{"sinks": 4}``, ``{"separator_ids": [...]}``).
     predictor:        path of a saved DynTS importance predictor (required by, and only allowed with, "predictor").
+    suspend_memory_gib: host memory (GiB, per worker) that may hold the K/V of preempted requests, so that they
+                      resume with exactly their resident set; a preemption that would exceed it makes the request
+                      recompute its tokens when it resumes (within the block bound, but its output may change).
     record_positions: keep each finished request's resident logical positions in the worker (tests, debugging).
     """
 
@@ -39,6 +44,7 @@ class DynTSSettings:
     scorer: str = "predictor"
     scorer_kwargs: dict[str, Any] = field(default_factory=dict)
     predictor: str | None = None
+    suspend_memory_gib: float = 4.0
     record_positions: bool = False
 
     @classmethod
@@ -73,10 +79,13 @@ class DynTSSettings:
     def _validate(self) -> None:
         prefix = f"additional_config['{CONFIG_KEY}']"
         if self.scorer not in VLLM_SCORERS:
-            needs_queries = self.scorer in SCORERS and SCORERS[self.scorer].needs_queries
-            reason = " (it needs attention queries, which the vLLM plugin does not capture yet)" if needs_queries else ""
+            reason = " (it takes a Python callable, which a JSON config cannot carry)" if self.scorer == "external" else ""
             raise ValueError(
                 f"{prefix}['scorer']: {self.scorer!r} is not supported in vLLM{reason}; allowed: {list(VLLM_SCORERS)}"
+            )
+        if not math.isfinite(self.suspend_memory_gib) or self.suspend_memory_gib < 0:
+            raise ValueError(
+                f"{prefix}['suspend_memory_gib'] must be a finite number >= 0 (GiB), got {self.suspend_memory_gib}"
             )
         if self.scorer == "predictor":
             if not self.predictor:
@@ -94,7 +103,9 @@ class DynTSSettings:
         else:
             self._check_scorer_kwargs(prefix)
             try:
-                self.build_scorer()  # the values' ranges, checked now with the scorer's own messages
+                # The values' ranges and their fit with the compression settings, checked now with the scorer's own
+                # messages (the worker would only find them when its first request binds a scorer).
+                self.build_scorer().validate(self.compression)
             except (TypeError, ValueError) as error:
                 raise ValueError(f"{prefix}['scorer_kwargs'] for scorer {self.scorer!r}: {error}") from error
         if self.compression.granularity != "shared":
@@ -135,6 +146,15 @@ class DynTSSettings:
     def build_scorer(self, **extra: Any) -> Scorer:
         """A fresh scorer for one request (``extra``: e.g. the loaded predictor head, shared by all requests)."""
         return get_scorer(self.scorer, **self.scorer_kwargs, **extra)
+
+    @property
+    def needs_queries(self) -> bool:
+        """Whether the scorer reads attention queries (the worker then captures them in every attention layer)."""
+        return SCORERS[self.scorer].needs_queries
+
+    @property
+    def suspend_memory_bytes(self) -> int:
+        return int(self.suspend_memory_gib * 2**30)
 
     def load_predictor(self) -> tuple[Any, Any]:
         """The predictor head and the identity of the model it was trained on (``dynts.predictor``)."""
@@ -236,6 +256,9 @@ def check_engine(vllm_config: Any, settings: DynTSSettings) -> None:
         problems.append(f"quantized KV cache (kv_cache_dtype={cache.cache_dtype!r}; use 'auto')")
     if scheduler.scheduler_cls not in (None, SCHEDULER_CLASS):
         problems.append(f"a custom scheduler_cls ({scheduler.scheduler_cls!r}); dynts installs its own scheduler")
+    cudagraph_mode = vllm_config.compilation_config.cudagraph_mode
+    if settings.needs_queries and cudagraph_mode is not None and cudagraph_mode.has_full_cudagraphs():
+        problems.append(full_cudagraph_problem(settings, cudagraph_mode.name))
     if vllm_config.use_v2_model_runner:  # the plugin makes vLLM pick V1 unless something forces V2
         problems.append(
             "Model Runner V2 (selected by VLLM_USE_V2_MODEL_RUNNER=1, HiSparse attention or watermarking; unset "
@@ -259,6 +282,14 @@ def check_engine(vllm_config: Any, settings: DynTSSettings) -> None:
         raise ValueError(
             f"additional_config['{CONFIG_KEY}'] (KV eviction) cannot run with: " + "; ".join(problems)
         )
+
+
+def full_cudagraph_problem(settings: DynTSSettings, mode: str) -> str:
+    return (
+        f"full CUDA graphs with scorer {settings.scorer!r} (cudagraph_mode={mode}): attention inside a replayed graph "
+        "skips the hook that captures the queries this scorer reads; use cudagraph_mode PIECEWISE (the default the "
+        "plugin picks for it) or NONE"
+    )
 
 
 def _predictor_mismatches(settings: DynTSSettings, model: Any) -> list[str]:

@@ -58,3 +58,20 @@ def test_compaction_matches_writing_the_kept_tokens(dtype: torch.dtype, block_si
     layout.compact_(caches, request_blocks, padded, len(keep))
     for cache, reference in zip(caches, expected):
         assert torch.equal(cache, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("block_size", "head_size", "isa"), [(32, 32, "vec"), (64, 128, "vec"), (32, 80, "vec16")])
+def test_gathered_keys_are_the_written_ones(dtype: torch.dtype, block_size: int, head_size: int, isa: str) -> None:
+    """What the scorers read (``CacheView.keys`` in vLLM): a request's keys in slot order, from out-of-order blocks."""
+    generator = torch.Generator().manual_seed(block_size + head_size)
+    heads, num_blocks, length = 3, 9, 3 * block_size + 5
+    request_blocks = [7, 2, 5, 0]
+    cache = torch.randn(num_blocks, heads, block_size, 2 * head_size, generator=generator).to(dtype)
+    keys, values = (torch.randn(length, heads, head_size, generator=generator).to(dtype) for _ in range(2))
+    table = torch.tensor(request_blocks)
+    slot = torch.arange(length)
+    write(cache, keys, values, table[slot // block_size] * block_size + slot % block_size, isa)
+    layout = CPUBlockLayout.probe(block_size, head_size, dtype, isa)
+    for prefix in (length, block_size, 1):
+        assert torch.equal(layout.gather_keys(cache, request_blocks, prefix), keys[:prefix].transpose(0, 1))

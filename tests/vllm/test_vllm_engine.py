@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from vllm_support import (
-    BLOCK_SIZE, FULL_LENGTH_REQUESTS, MAX_MODEL_LEN, POOL_BLOCKS, build_engine, dynts_active, dynts_stats,
-    finished_positions, first_divergence, greedy, hf_greedy, positions_of, random_prompts, require_vllm,
+    BLOCK_SIZE, FULL_LENGTH_REQUESTS, MAX_MODEL_LEN, POOL_BLOCKS, assert_matches_hf, build_engine, dynts_active,
+    dynts_stats, finished_positions, greedy, greedy_run, hf_greedy, hf_model, random_prompts, require_vllm,
     reset_dynts_stats, save_random_predictor, save_tiny_model, shutdown,
 )
 
@@ -51,12 +50,6 @@ def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_model("qwen2", tmp_path_factory.mktemp("qwen2"), seed=1)
-
-
-def hf_model(model_dir: Path) -> Any:
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
 @pytest.fixture(scope="module")
@@ -137,25 +130,12 @@ def test_flag_on_within_budget_is_plain_vllm(plain_engine: Any, llama_engine: An
 # ---------------------------------------------------------------------- with eviction: the same as HF DynTSCache
 def cross_check(engine: Any, model_dir: Path, dynts: dict[str, Any]) -> None:
     """vLLM (one batch, ragged prompts) against HF DynTSCache (one prompt at a time), same weights and settings."""
-    model = hf_model(model_dir)
     prompts = random_prompts(CROSS_CHECK_PROMPT_LENGTHS)
-    finished_positions(engine)
-    outputs = greedy(engine, prompts, CROSS_CHECK_TOKENS)
-    vllm_runs = tokens_and_logprobs(outputs)
-    vllm_positions = positions_of(outputs, finished_positions(engine))
-    for prompt, (vllm_tokens, vllm_top), resident in zip(prompts, vllm_runs, vllm_positions):
-        hf_tokens, hf_top, hf_resident = hf_greedy(model, prompt, CROSS_CHECK_TOKENS, dynts)
+    runs = greedy_run(engine, prompts, CROSS_CHECK_TOKENS)
+    for prompt, run in zip(prompts, runs):
         logical_len = len(prompt) + CROSS_CHECK_TOKENS - 1
-        assert len(resident) < logical_len - 2 * WINDOW, "nothing was evicted: the check would be vacuous"
-        diverged = first_divergence(vllm_tokens, vllm_top, hf_tokens, hf_top)
-        if diverged is None:
-            assert resident == hf_resident
-        else:
-            # Up to the divergence both runs are the same sequence: compare what they hold there.
-            agreed = max(diverged, 1)
-            short = greedy(engine, [prompt], agreed)
-            short_positions = positions_of(short, finished_positions(engine))[0]
-            assert short_positions == hf_greedy(model, prompt, agreed, dynts)[2]
+        assert len(run.positions) < logical_len - 2 * WINDOW, "nothing was evicted: the check would be vacuous"
+    assert_matches_hf(engine, hf_model(model_dir), prompts, runs, dynts, CROSS_CHECK_TOKENS)
 
 
 def test_eviction_matches_hf_llama(llama_engine: Any, llama_dir: Path, llama_dynts: dict[str, Any]) -> None:

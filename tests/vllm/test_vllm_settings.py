@@ -45,7 +45,9 @@ def test_valid_settings_parse() -> None:
         ({"keep_ratio": 1.5}, "keep_ratio"),
         ({"keep_ratio": 0.0}, "keep_ratio"),
         ({"granularity": "per_layer"}, "granularity"),
-        ({"scorer": "h2o"}, "needs attention queries"),
+        ({"scorer": "external"}, "Python callable"),
+        ({"scorer": "snapkv"}, "observation_window"),  # its default window of 32 queries > the window of 16 tokens
+        ({"suspend_memory_gib": -1}, "suspend_memory_gib"),
         ({"scorer": "magic"}, "scorer"),
         ({"scorer": "predictor"}, "predictor"),
         ({"scorer": "predictor", "predictor": "/nonexistent/head"}, "predictor"),
@@ -94,6 +96,8 @@ def test_bad_settings_name_the_field(change: dict, named: str) -> None:
         ({"scorer": "sepllm", "scorer_kwargs": {"separator_ids": [12, None]}},
          r"\['scorer_kwargs'\]\['separator_ids'\] must be a list of ints"),
         ({"scorer": "random", "scorer_kwargs": {"seed": "0"}}, r"\['scorer_kwargs'\]\['seed'\] must be an int, got str"),
+        ({"scorer": "rkv", "scorer_kwargs": {"lam": "0.1"}}, r"\['scorer_kwargs'\]\['lam'\] must be a number, got str"),
+        ({"suspend_memory_gib": "4"}, r"\['suspend_memory_gib'\] must be a number, got str '4'"),
     ],
 )
 def test_wrong_types_name_the_field_and_the_type(change: dict, message: str) -> None:
@@ -104,7 +108,7 @@ def test_wrong_types_name_the_field_and_the_type(change: dict, message: str) -> 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"scorer": "magic"}, r"\['scorer'\]: 'magic' is not supported in vLLM; allowed: \['predictor', 'window'"),
+        ({"scorer": "magic"}, r"\['scorer'\]: 'magic' is not supported in vLLM; allowed: \['predictor', 'h2o'"),
         ({"scorer": "streamingllm", "scorer_kwargs": {"sink": 4}},
          r"\['scorer_kwargs'\]: unknown argument\(s\) \['sink'\] for scorer 'streamingllm'; allowed: \['sinks'\]"),
         ({"scorer": "sepllm", "scorer_kwargs": {"sinks": 2}},
@@ -126,8 +130,8 @@ def test_json_numbers_and_lists_are_accepted_as_their_python_types() -> None:
 
 @pytest.mark.parametrize("name", sorted(set(SCORERS) - {"external", "predictor"}))
 def test_every_scorer_argument_has_a_json_type(name: str) -> None:
-    """The type check reads each constructor's annotations: every scorer vLLM can run (the attention ones come
-    next) must have arguments expressible in JSON, or its settings could not be checked."""
+    """The type check reads each constructor's annotations: every scorer vLLM can run must have arguments
+    expressible in JSON, or its settings could not be checked."""
     import inspect
     import typing
 
@@ -191,6 +195,46 @@ def test_model_runner_v2_is_refused_by_name(llama_dir: Path, monkeypatch: pytest
     monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
     with pytest.raises(ValueError, match=r"cannot run with: Model Runner V2 \(selected by VLLM_USE_V2_MODEL_RUNNER=1"):
         check_engine(config, settings)
+
+
+@pytest.mark.parametrize("mode", ["FULL", "FULL_DECODE_ONLY", "FULL_AND_PIECEWISE"])
+def test_scorers_that_read_queries_refuse_full_cuda_graphs_by_name(llama_dir: Path, mode: str) -> None:
+    """A replayed full CUDA graph runs attention without the Python hook that captures the queries: asked for
+    explicitly (refused before the config is built), or resolved so by vLLM (refused when the config is checked)."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+
+    from dynts.integrations.vllm.settings import check_engine
+
+    common = dict(model=str(llama_dir), dtype="float32", skip_tokenizer_init=True, max_model_len=512, block_size=32)
+    h2o = dict(VALID, scorer="h2o")
+    with pytest.raises(ValueError, match=rf"full CUDA graphs with scorer 'h2o' \(cudagraph_mode={mode}\).*PIECEWISE"):
+        EngineArgs(**common, additional_config={"dynts": h2o}, compilation_config={"cudagraph_mode": mode}).create_engine_config()
+    config = EngineArgs(**common, additional_config={"dynts": h2o}).create_engine_config()
+    config.compilation_config.cudagraph_mode = CUDAGraphMode[mode]
+    with pytest.raises(ValueError, match=rf"cannot run with: full CUDA graphs with scorer 'h2o' \(cudagraph_mode={mode}\)"):
+        check_engine(config, DynTSSettings.from_additional_config({"dynts": h2o}))
+    check_engine(config, DynTSSettings.from_additional_config({"dynts": VALID}))  # no queries read: full graphs are fine
+
+
+def test_scorers_that_read_queries_get_piecewise_cuda_graphs_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """vLLM's CUDA default replays decode attention inside full graphs; the flag picks piecewise graphs when the scorer
+    reads queries and the user chose no mode (on CPU, where there are no CUDA graphs, nothing changes)."""
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.platforms import current_platform
+
+    from dynts.integrations.vllm import prepare_engine_args
+
+    def chosen_mode(settings: dict[str, Any], cuda: bool) -> Any:
+        monkeypatch.setattr(type(current_platform), "is_cuda_alike", lambda self: cuda)
+        engine_args = EngineArgs(model="unused")
+        prepare_engine_args(engine_args, DynTSSettings.from_additional_config({"dynts": settings}))
+        return engine_args.compilation_config.cudagraph_mode
+
+    assert chosen_mode(dict(VALID, scorer="snapkv", window=32), cuda=True) == CUDAGraphMode.PIECEWISE
+    assert chosen_mode(dict(VALID, scorer="snapkv", window=32), cuda=False) is None
+    assert chosen_mode(VALID, cuda=True) is None  # the window scorer reads no queries: vLLM's own default
 
 
 # ---------------------------------------------------------------------- private vLLM internals: checked at load

@@ -1,13 +1,14 @@
 """Tensor parallel on CPU with the flag: TP=2 gives the tokens and resident positions of TP=1, on every rank.
 
 Each rank keeps its own dynts state and compacts its own shard of the KV heads, so every rank must choose the same
-keep-set from what it sees (the hidden states after the all-reduce, the token ids, the positions): if one rank chose
-differently, its heads would attend to other tokens than the other rank's. Tiny Llama (4 query heads, 2 KV heads:
-one KV head per rank), float32, the importance predictor (its scores come from the hidden states), a protected prompt
-that overflows the keep quota and one longer than the budget, chunked prefill.
+keep-set: if one rank chose differently, its heads would attend to other tokens than the other rank's. The
+importance predictor scores what every rank sees alike (the hidden states after the all-reduce); H2O's attention
+sums cover only the rank's own heads, so the ranks gather them before choosing. Tiny Llama (4 query heads, 2 KV
+heads: one KV head per rank), float32, a protected prompt that overflows the keep quota and one longer than the
+budget, chunked prefill.
 
-TP=2 on CPU needs ``VLLM_CPU_OMP_THREADS_BIND`` with one core list per rank (``cpu_threads_bind``). Both engines are
-started once for the module, one after the other (about 70 s in all on 2 cores).
+TP=2 on CPU needs ``VLLM_CPU_OMP_THREADS_BIND`` with one core list per rank (``cpu_threads_bind``). For each scorer
+both engines are started once, one after the other (about 70 s in all on 2 cores).
 """
 
 from __future__ import annotations
@@ -48,11 +49,16 @@ def run(model_dir: Path, settings: dict[str, Any], tensor_parallel_size: int) ->
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
-    model_dir = save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
-    predictor = save_random_predictor(model_dir, tmp_path_factory.mktemp("predictor"))
-    settings = {"budget": BUDGET, "window": WINDOW, "keep_ratio": KEEP_RATIO, "scorer": "predictor",
-                "predictor": str(predictor), "record_positions": True}
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module", params=["predictor", "h2o"])
+def runs(request: pytest.FixtureRequest, model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict[str, Any]]:
+    settings = {"budget": BUDGET, "window": WINDOW, "keep_ratio": KEEP_RATIO, "scorer": request.param,
+                "record_positions": True}
+    if request.param == "predictor":
+        settings["predictor"] = str(save_random_predictor(model_dir, tmp_path_factory.mktemp("predictor")))
     return {size: run(model_dir, settings, size) for size in (1, TENSOR_PARALLEL)}
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -141,38 +142,37 @@ def greedy(llm: Any, prompts: list[list[int]], max_tokens: int, logprobs: int = 
 
 
 # ---------------------------------------------------------------------- worker introspection (collective_rpc)
-def _read_stats(worker: Any) -> dict[str, Any]:
-    return worker.model_runner._dynts.stats_dict()
+# The dynts worker extension's RPCs (DynTSWorkerExtension), one result per tensor-parallel rank.
+def rank_stats(llm: Any) -> list[dict[str, Any]]:
+    """The dynts counters of each rank (``DynTSWorkerExtension.dynts_stats``)."""
+    return llm.collective_rpc("dynts_stats")
 
 
-def _reset_stats(worker: Any) -> None:
-    worker.model_runner._dynts.reset_counters()
+def rank_finished_positions(llm: Any) -> list[dict[str, list[int]]]:
+    """Per rank, the resident logical positions of each request finished since the last call (record_positions)."""
+    return llm.collective_rpc("dynts_take_finished_positions")
 
 
-def _take_positions(worker: Any) -> dict[str, list[int]]:
-    positions = dict(worker.model_runner._dynts.finished_positions)
-    worker.model_runner._dynts.finished_positions.clear()
-    return positions
+def dynts_stats(llm: Any) -> dict[str, Any]:
+    return rank_stats(llm)[0]
+
+
+def reset_dynts_stats(llm: Any) -> None:
+    llm.collective_rpc("dynts_reset_stats")
+
+
+def finished_positions(llm: Any) -> dict[str, list[int]]:
+    """Resident logical positions of each request finished since the last call (needs record_positions)."""
+    return rank_finished_positions(llm)[0]
 
 
 def _has_dynts(worker: Any) -> bool:
     return getattr(worker.model_runner, "_dynts", None) is not None
 
 
-def dynts_stats(llm: Any) -> dict[str, Any]:
-    return llm.collective_rpc(_read_stats)[0]
-
-
-def reset_dynts_stats(llm: Any) -> None:
-    llm.collective_rpc(_reset_stats)
-
-
-def finished_positions(llm: Any) -> dict[str, list[int]]:
-    """Resident logical positions of each request finished since the last call (needs record_positions)."""
-    return llm.collective_rpc(_take_positions)[0]
-
-
 def dynts_active(llm: Any) -> bool:
+    """Whether the workers run dynts. A function RPC (pickled, hence VLLM_ALLOW_INSECURE_SERIALIZATION in
+    ENGINE_ENV): an engine without the flag has no dynts worker extension to ask."""
     return llm.collective_rpc(_has_dynts)[0]
 
 
@@ -186,7 +186,52 @@ def positions_of(outputs: list[Any], recorded: dict[str, list[int]]) -> list[lis
     return result
 
 
+@dataclass
+class Completion:
+    """One greedy completion of a vLLM engine with the flag: tokens, top-5 logprobs per step, resident positions."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float]]
+    positions: list[int]
+
+
+def greedy_run(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
+    """``greedy`` on an engine with ``record_positions``, with each request's final resident logical positions."""
+    finished_positions(llm)  # drop the records of earlier requests
+    outputs = greedy(llm, prompts, max_tokens)
+    positions = positions_of(outputs, finished_positions(llm))
+    return [
+        Completion(list(output.outputs[0].token_ids),
+                   [{token: entry.logprob for token, entry in step.items()} for step in output.outputs[0].logprobs],
+                   resident)
+        for output, resident in zip(outputs, positions)
+    ]
+
+
+def assert_matches_hf(llm: Any, model: Any, prompts: list[list[int]], runs: list[Completion],
+                      settings: dict[str, Any], max_tokens: int) -> None:
+    """vLLM's completions of ``prompts`` (``runs``) against HF ``DynTSCache`` with the same weights and settings,
+    one prompt at a time: the same tokens (or the first-divergence rule: there each is among the other's top-5)
+    and, up to the divergence, the same resident positions."""
+    for prompt, run in zip(prompts, runs):
+        hf_tokens, hf_top, hf_resident = hf_greedy(model, prompt, max_tokens, settings)
+        diverged = first_divergence(run.tokens, run.logprobs, hf_tokens, hf_top)
+        if diverged is None:
+            assert run.positions == hf_resident, f"prompt of {len(prompt)} tokens: other resident positions than HF"
+        else:
+            # Up to the divergence both runs are the same sequence: compare what they hold there.
+            agreed = max(diverged, 1)
+            (short,) = greedy_run(llm, [prompt], agreed)
+            assert short.positions == hf_greedy(model, prompt, agreed, settings)[2]
+
+
 # ---------------------------------------------------------------------- HF reference
+def hf_model(model_dir: Path) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def hf_greedy(
     model: Any, prompt: list[int], max_tokens: int, dynts: dict[str, Any] | None
 ) -> tuple[list[int], list[dict[int, float]], list[int] | None]:
@@ -199,7 +244,8 @@ def hf_greedy(
         settings = dict(dynts)
         scorer = settings.pop("scorer")
         scorer_kwargs = settings.pop("scorer_kwargs", {})
-        settings.pop("record_positions", None)
+        for vllm_only in ("record_positions", "suspend_memory_gib"):
+            settings.pop(vllm_only, None)
         if "predictor" in settings:
             scorer_kwargs = {"predictor": settings.pop("predictor"), "model": model}
         cache = DynTSCache(model, CompressionConfig(**settings), scorer=scorer, scorer_kwargs=scorer_kwargs, eos_token_id=[])
@@ -234,17 +280,7 @@ def first_divergence(tokens_a: list[int], top_a: list[Any], tokens_b: list[int],
     return None
 
 
-# ---------------------------------------------------------------------- every rank, through the plugin's worker extension
-def rank_stats(llm: Any) -> list[dict[str, Any]]:
-    """The dynts counters of each tensor-parallel rank (``DynTSWorkerExtension.dynts_stats``)."""
-    return llm.collective_rpc("dynts_stats")
-
-
-def rank_finished_positions(llm: Any) -> list[dict[str, list[int]]]:
-    """Per rank, the resident logical positions of each request finished since the last call (record_positions)."""
-    return llm.collective_rpc("dynts_take_finished_positions")
-
-
+# ---------------------------------------------------------------------- tensor parallel on CPU
 def cpu_threads_bind(ranks: int) -> str:
     """``VLLM_CPU_OMP_THREADS_BIND`` giving each of ``ranks`` CPU workers its own core (one OpenMP thread each).
 
