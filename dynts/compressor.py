@@ -5,7 +5,8 @@ fed columns each row keeps), ``write`` (each compressed layer's new K/V; returns
 ``observe_queries`` (each layer's queries, if the scorer needs them), ``end_step`` (after the model ran: records
 the tokens, lets the scorer observe them, drops padding and compacts the rows whose physical length reached their
 trigger). ``start_call`` marks the start of a generation call (its input columns are protected, its EOS ids apply).
-``StaticSession`` (``static_session``) runs fixed-shape one-token steps whose device work a CUDA graph can capture.
+``dynts.static.StaticSession`` (``static_session``) runs fixed-shape one-token steps whose device work a CUDA graph
+can capture.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import CompressionConfig, check_int
+from .config import CompressionConfig
 from .policy import KeepPlan, OverflowNotice, next_trigger, plan_compaction
 from .scorers.base import CacheView, ModelGeometry, Scorer, Step
 from .slots import SlotTable
+from .static import StaticSession
 from .stats import CacheStats, Stopwatch
 from .storage import KVStorage
 from .tracking import SequenceTracker, StepPlan
@@ -73,7 +75,7 @@ class DenseCompressor:
         self._pending: _Pending | None = None
         self._call: _Call | None = None  # a start_call waiting for its first forward pass
         self._history_mask: torch.Tensor | None = None
-        self._triggers: list[int] = []  # per row, the physical length that triggers its next compaction
+        self.triggers: list[int] = []  # per row, the physical length that triggers its next compaction
         self._overflow = OverflowNotice()
 
     @property
@@ -131,7 +133,7 @@ class DenseCompressor:
         if self.tracker is None:
             self.tracker = SequenceTracker(batch_size, self.config.think_end, protect_prompt=self.config.protect_prompt,
                                            protect_answer=self.config.protect_answer)
-            self._triggers = [self.config.trigger] * batch_size
+            self.triggers = [self.config.trigger] * batch_size
             if self._call is None:  # a manual loop: the first pass is the prompt
                 self._call = _Call(num_new, self.default_call.eos_token_ids, self.default_call.pad_token_id)
         elif batch_size != self.tracker.rows:
@@ -149,7 +151,7 @@ class DenseCompressor:
         plan = self.tracker.feed(num_new, tokens, mask)
         self._pending = _Pending(plan, input_ids)
         if self.slots is not None:
-            self._ensure_capacity(self.max_physical_len + num_new)
+            self.ensure_capacity(self.max_physical_len + num_new)
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one layer's new K/V ([rows, heads, new, dim]); return the [rows, heads, length, dim] views attention reads."""
@@ -188,7 +190,7 @@ class DenseCompressor:
         self._pending = None
         self._settle(pending.plan)
         self.compact_full_rows()
-        self._record_stats()
+        self.record_stats()
 
     def attention_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive mask [rows, 1, new, length] for the announced step when rows are not aligned: each row sees its
@@ -218,11 +220,11 @@ class DenseCompressor:
         """Compact every row at or above its trigger, again while a compaction leaves it there (a prompt far longer
         than the budget) and still removes tokens."""
         lengths = self.slots.physical_len_host
-        full = [row for row, length in enumerate(lengths) if length >= self._triggers[row]]
+        full = [row for row, length in enumerate(lengths) if length >= self.triggers[row]]
         while full:
             before = {row: lengths[row] for row in full}
             self.compact(full)
-            full = [row for row in full if before[row] > lengths[row] >= self._triggers[row]]
+            full = [row for row in full if before[row] > lengths[row] >= self.triggers[row]]
 
     def compact(self, rows: list[int]) -> KeepPlan:
         """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state."""
@@ -242,7 +244,7 @@ class DenseCompressor:
                 self._apply(rows_t, plan)
         kept = plan.keep_count.tolist()
         for row, count, overflow in zip(rows, kept, plan.overflow.tolist()):
-            self._triggers[row] = next_trigger(self.config, count, overflow)
+            self.triggers[row] = next_trigger(self.config, count, overflow)
         self._stats.compactions += len(rows)
         self._stats.evicted_tokens += sum(held) - sum(kept)
         if before is not None and self.compaction_observer is not None:
@@ -272,7 +274,7 @@ class DenseCompressor:
         self._apply(torch.tensor(rows, device=device), KeepPlan(keep_index.to(device), keep_count, keep_count < 0))
 
     # ------------------------------------------------------------------ static decoding
-    def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> "StaticSession":
+    def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> StaticSession:
         """Switch to fixed-shape one-token steps (see ``StaticSession``); ``input_ids`` ([rows, 1]) is the buffer the
         driving loop feeds each step."""
         if self.slots is None or self._pending is not None or self.session is not None:
@@ -318,7 +320,8 @@ class DenseCompressor:
         kv = self.kv
         self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=lambda layer: kv.keys[layer]))
 
-    def _ensure_capacity(self, needed: int) -> None:
+    def ensure_capacity(self, needed: int) -> None:
+        """Grow the K/V storage and the slot table to hold ``needed`` slots per row (rarely: buffers then move)."""
         if self.kv.ensure_capacity(needed):
             self.slots.ensure_capacity(self.kv.capacity)
 
@@ -415,133 +418,12 @@ class DenseCompressor:
         if keep:
             self._drop_slots(keep)
 
-    def _record_stats(self) -> None:
+    def record_stats(self) -> None:
+        """Account for the rows' lengths after a step (``stats``)."""
         stats = self._stats
         stats.record_step(self.slots.physical_len_host, self.kv.bytes_per_token)
         stats.allocated_kv_bytes = self.kv.allocated_bytes() + self.slots.state_bytes()
         stats.reallocations = self.slots.reallocations
-
-
-class StaticSession:
-    """Fixed-shape one-token decode steps over a prefilled ``DenseCompressor``, for a CUDA-graph-captured loop.
-
-    Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
-    the new slots), ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer
-    observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
-    every step: it knows how the lengths of active rows grow, so it only synchronises (``sync``: reads the logged
-    tokens, updates the tracker, compacts in place, records stats) when a row may reach its trigger or the token log
-    is full (``sync_due``). Buffers only move on a capacity growth, after which the driver captures again.
-    """
-
-    def __init__(self, compressor: DenseCompressor, input_ids: torch.Tensor, pad_token_id: int,
-                 readback_every: int = 64) -> None:
-        self.compressor = compressor
-        slots, tracker = compressor.slots, compressor.tracker
-        device, rows = slots.device, slots.rows
-        self.pad_token_id = pad_token_id
-        self.readback_every = check_int("readback_every", readback_every, minimum=1)
-        self.active = torch.tensor([not done for done in tracker.finished], device=device)
-        self.eos_token_ids = torch.tensor(sorted(tracker.eos_token_ids), dtype=torch.long, device=device)
-        self.step = Step(
-            input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
-            positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=device),
-            stored=self.active.view(-1, 1).clone(), key_len=slots.physical_len + 1,
-            query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=device),
-        )
-        # Tokens fed since the last sync, one column per step (written inside the step at ``_log_position``).
-        self._log = torch.full((rows, self.readback_every), pad_token_id, dtype=torch.long, device=device)
-        self._log_position = torch.zeros(1, dtype=torch.long, device=device)
-        self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last sync
-        compressor._ensure_capacity(max(compressor._triggers))  # a row reaches its trigger between syncs
-        self._unsynced = 0
-        self._countdown = 0
-        self._plan_next_sync()
-
-    def close(self) -> None:
-        self.compressor.session = None
-
-    def state_buffers(self) -> list[torch.Tensor]:
-        """The device buffers a step changes (a driver that runs a warm-up step before capture restores them)."""
-        return [self.compressor.slots.physical_len, self.step.positions, self.active, self._log_position]
-
-    # ------------------------------------------------------------------ device side (capturable)
-    def lengths(self) -> torch.Tensor:
-        """Start of a step: each row's attention length (held tokens plus the new one); claims the new slots."""
-        slots = self.compressor.slots
-        self.step.key_len.copy_(slots.physical_len + 1)
-        slots.claim(self.step.slots)
-        return self.step.key_len
-
-    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the step's K/V of one layer at each row's physical end; attention reads the whole capacity up to
-        ``lengths()``."""
-        kv = self.compressor.kv
-        kv.write(layer, key_states, value_states, self.step.slots)
-        return kv.keys[layer], kv.values[layer]
-
-    def commit(self, hidden_states: torch.Tensor | None) -> None:
-        """End of a step: slot positions of the active rows, scorer observation, device lengths, the fed tokens
-        logged; a row that was fed an EOS keeps it and is inactive from the next step on."""
-        compressor, step, active = self.compressor, self.step, self.active
-        slots = compressor.slots
-        fed = step.input_ids.view(-1)
-        step.hidden_states = hidden_states if compressor.scorer.needs_hidden_states else None
-        step.stored.copy_(active.view(-1, 1))
-        step.query_count.copy_(active)
-        slots.set_positions(step.slots, torch.where(active.view(-1, 1), step.positions, -1))
-        compressor.scorer.on_step(step)
-        slots.physical_len += active
-        step.positions += 1
-        self._log.index_copy_(1, self._log_position, fed.view(-1, 1))
-        self._log_position += 1
-        active &= ~torch.isin(fed, self.eos_token_ids)
-
-    # ------------------------------------------------------------------ host side
-    @property
-    def unsynced_steps(self) -> int:
-        return self._unsynced
-
-    def stepped(self) -> bool:
-        """Count a step the driver ran; True when the host must ``sync`` before the next one."""
-        self._unsynced += 1
-        return self._unsynced >= self._countdown
-
-    def sync(self) -> bool:
-        """Read the tokens fed since the last sync (one device synchronisation), track them, compact the rows that
-        reached their trigger, record stats. Returns True when the buffers grew (the driver must capture again)."""
-        compressor = self.compressor
-        slots, tracker = compressor.slots, compressor.tracker
-        steps = self._unsynced
-        if not steps:
-            return False
-        logged = self._log[:, :steps].tolist()
-        self._log_position.zero_()
-        for offset in range(steps):
-            plan = tracker.feed(1, [[row[offset]] for row in logged], None)
-            for row, kept in enumerate(plan.stored):
-                slots.physical_len_host[row] += int(kept[0])
-                self.fed[row].append(logged[row][offset])
-            if offset < steps - 1:
-                compressor._record_stats()
-        compressor.compact_full_rows()
-        capacity = compressor.kv.capacity
-        compressor._ensure_capacity(max(compressor._triggers))
-        compressor._record_stats()
-        self._unsynced = 0
-        self._plan_next_sync()
-        return compressor.kv.capacity != capacity
-
-    @property
-    def finished(self) -> bool:
-        """Every row finished (as of the last sync)."""
-        return all(self.compressor.tracker.finished)
-
-    def _plan_next_sync(self) -> None:
-        """Steps until a row still growing may reach its trigger, or the token log fills."""
-        compressor = self.compressor
-        lengths, finished = compressor.slots.physical_len_host, compressor.tracker.finished
-        room = [trigger - length for trigger, length, done in zip(compressor._triggers, lengths, finished) if not done]
-        self._countdown = max(1, min([self.readback_every, *room]))
 
 
 def _split_mask(

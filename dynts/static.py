@@ -1,0 +1,138 @@
+"""Static decoding: fixed-shape one-token steps over a prefilled cache, whose device work a CUDA graph captures.
+
+Integration-independent: ``integrations/hf_static.py`` (``StaticDecoder``) drives it for HF models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import check_int
+from .scorers.base import Step
+
+if TYPE_CHECKING:
+    from .compressor import DenseCompressor
+
+
+class StaticSession:
+    """Fixed-shape one-token decode steps over a prefilled ``DenseCompressor``, for a CUDA-graph-captured loop.
+
+    Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
+    the new slots), ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer
+    observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
+    every step: it knows how the lengths of active rows grow, so it only synchronises (``sync``: reads the logged
+    tokens, updates the tracker, compacts in place, records stats) when a row may reach its trigger or the token log
+    is full (``sync_due``). Buffers only move on a capacity growth, after which the driver captures again.
+    """
+
+    def __init__(self, compressor: "DenseCompressor", input_ids: torch.Tensor, pad_token_id: int,
+                 readback_every: int = 64) -> None:
+        self.compressor = compressor
+        slots, tracker = compressor.slots, compressor.tracker
+        device, rows = slots.device, slots.rows
+        self.pad_token_id = pad_token_id
+        self.readback_every = check_int("readback_every", readback_every, minimum=1)
+        self.active = torch.tensor([not done for done in tracker.finished], device=device)
+        self.eos_token_ids = torch.tensor(sorted(tracker.eos_token_ids), dtype=torch.long, device=device)
+        self.step = Step(
+            input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
+            positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=device),
+            stored=self.active.view(-1, 1).clone(), key_len=slots.physical_len + 1,
+            query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=device),
+        )
+        # Tokens fed since the last sync, one column per step (written inside the step at ``_log_position``).
+        self._log = torch.full((rows, self.readback_every), pad_token_id, dtype=torch.long, device=device)
+        self._log_position = torch.zeros(1, dtype=torch.long, device=device)
+        self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last sync
+        compressor.ensure_capacity(max(compressor.triggers))  # a row reaches its trigger between syncs
+        self._unsynced = 0
+        self._countdown = 0
+        self._plan_next_sync()
+
+    def close(self) -> None:
+        self.compressor.session = None
+
+    def state_buffers(self) -> list[torch.Tensor]:
+        """The device buffers a step changes (a driver that runs a warm-up step before capture restores them)."""
+        return [self.compressor.slots.physical_len, self.step.positions, self.active, self._log_position]
+
+    # ------------------------------------------------------------------ device side (capturable)
+    def lengths(self) -> torch.Tensor:
+        """Start of a step: each row's attention length (held tokens plus the new one); claims the new slots."""
+        slots = self.compressor.slots
+        self.step.key_len.copy_(slots.physical_len + 1)
+        slots.claim(self.step.slots)
+        return self.step.key_len
+
+    def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the step's K/V of one layer at each row's physical end; attention reads the whole capacity up to
+        ``lengths()``."""
+        kv = self.compressor.kv
+        kv.write(layer, key_states, value_states, self.step.slots)
+        return kv.keys[layer], kv.values[layer]
+
+    def commit(self, hidden_states: torch.Tensor | None) -> None:
+        """End of a step: slot positions of the active rows, scorer observation, device lengths, the fed tokens
+        logged; a row that was fed an EOS keeps it and is inactive from the next step on."""
+        compressor, step, active = self.compressor, self.step, self.active
+        slots = compressor.slots
+        fed = step.input_ids.view(-1)
+        step.hidden_states = hidden_states if compressor.scorer.needs_hidden_states else None
+        step.stored.copy_(active.view(-1, 1))
+        step.query_count.copy_(active)
+        slots.set_positions(step.slots, torch.where(active.view(-1, 1), step.positions, -1))
+        compressor.scorer.on_step(step)
+        slots.physical_len += active
+        step.positions += 1
+        self._log.index_copy_(1, self._log_position, fed.view(-1, 1))
+        self._log_position += 1
+        active &= ~torch.isin(fed, self.eos_token_ids)
+
+    # ------------------------------------------------------------------ host side
+    @property
+    def unsynced_steps(self) -> int:
+        return self._unsynced
+
+    def stepped(self) -> bool:
+        """Count a step the driver ran; True when the host must ``sync`` before the next one."""
+        self._unsynced += 1
+        return self._unsynced >= self._countdown
+
+    def sync(self) -> bool:
+        """Read the tokens fed since the last sync (one device synchronisation), track them, compact the rows that
+        reached their trigger, record stats. Returns True when the buffers grew (the driver must capture again)."""
+        compressor = self.compressor
+        slots, tracker = compressor.slots, compressor.tracker
+        steps = self._unsynced
+        if not steps:
+            return False
+        logged = self._log[:, :steps].tolist()
+        self._log_position.zero_()
+        for offset in range(steps):
+            plan = tracker.feed(1, [[row[offset]] for row in logged], None)
+            for row, kept in enumerate(plan.stored):
+                slots.physical_len_host[row] += int(kept[0])
+                self.fed[row].append(logged[row][offset])
+            if offset < steps - 1:
+                compressor.record_stats()
+        compressor.compact_full_rows()
+        capacity = compressor.kv.capacity
+        compressor.ensure_capacity(max(compressor.triggers))
+        compressor.record_stats()
+        self._unsynced = 0
+        self._plan_next_sync()
+        return compressor.kv.capacity != capacity
+
+    @property
+    def finished(self) -> bool:
+        """Every row finished (as of the last sync)."""
+        return all(self.compressor.tracker.finished)
+
+    def _plan_next_sync(self) -> None:
+        """Steps until a row still growing may reach its trigger, or the token log fills."""
+        compressor = self.compressor
+        lengths, finished = compressor.slots.physical_len_host, compressor.tracker.finished
+        room = [trigger - length for trigger, length, done in zip(compressor.triggers, lengths, finished) if not done]
+        self._countdown = max(1, min([self.readback_every, *room]))
