@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # ``python -m MODULE`` commands (same convention, no dynts subcommand) -> one-line help.
 SCRIPTS: dict[str, str] = {
     "dynts.evals.bench_decode": "GPU: plain HF vs dynts (StaticDecoder) decode speed at 8B shapes",
+    "dynts.evals.plots": "tables and plots of dynts eval results, merging a sweep split over several runs",
     "dynts.evals.bench_kernels": "GPU: compaction bandwidth, attention-score kernel vs torch, predictor MLP",
     "dynts.evals.bench_linear_attention": "GPU: KDA / Gated DeltaNet kernels vs fla, hybrid-model decode TPOT",
     "dynts.evals.bench_predictor": "decode time with the Importance Predictor vs a free scorer",

@@ -1,19 +1,32 @@
 """``dynts eval``: accuracy and cost of KV-cache policies on reasoning datasets, with any local HF causal LM.
 
 For every method (the full cache, each attention scorer, the learned predictor, and on the synthetic task an
-oracle) and every budget it generates answers, grades them, and writes one JSON line per sample, per batch
-(timings and per-step statistics) and per (method, budget) summary:
+oracle), every budget and every budget mode it generates answers, grades them, and writes one JSON line per sample,
+per batch (timings and per-step statistics) and per (method, budget mode, budget) summary:
 
 - pass@1 (mean over samples), pass@k (the unbiased estimator 1 - C(n-c, k) / C(n, k)), maj@k (a vote over the
   extracted answers, grouped by mathematical equivalence);
+- per-item partial credit beside exact match (on the synthetic task: the share of saved values answered right);
+- mean and peak resident tokens per row (the compressed caches' own lengths after every forward pass; the full
+  cache's from its lengths), so that methods are compared at equal average KV;
+- where the task knows its decision-critical tokens (synthetic: every copy of a saved value), their recall at each
+  compaction, among the older tokens the scorer chose from (the window is kept anyway): per token, and per value
+  (a value counts as kept when any of its copies stays);
 - tokens/s and latency of whole ``generate`` calls (prefill, decoding and every eviction included);
 - peak KV bytes: on CUDA from the allocator (``max_memory_allocated`` above the level before the call, so it
   also counts activations); on CPU from the caches' own accounting (``kv_bytes_source`` says which);
 - per decoding step: seconds and KV bytes (physical rows for dynts, the padded rectangle for the full cache).
 
+Budgets: ``--budget`` (tokens), ``--budget-fraction`` (of the mean thinking length) or ``--resident-fraction``:
+for each budget mode, the budget whose eviction schedule keeps that mean share of the thinking length resident
+(simulated from the lengths alone with ``dynts.policy``'s count functions: the schedule is the same for every
+scorer), so every method runs at the same mean KV in both modes.
+
     dynts eval --model bundled --dataset synthetic --limit 64 --budget-fraction 0.15,0.25,0.4
+    dynts eval --model bundled --dataset synthetic --synthetic-family reuse --resident-fraction 0.1,0.2,0.3,0.5 \\
+        --budget-mode dynts,fixed --buffer 32
     dynts eval --model /models/R1-Distill-Llama-8B --dataset aime24 --budget 5000 --window 2000 \\
-        --do-sample --samples 5 --methods full,h2o,dynts --predictor /heads/r1-llama
+        --do-sample --samples 5 --methods full,h2o,predictor --predictor /heads/r1-llama
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import statistics
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,25 +49,33 @@ from ..cli import (
     BUNDLED, UsageError, add_model_arguments, chat_template_choice, check_predictor_fits, existing_folder, load_model,
     load_tokenizer, make_settings, model_label, non_negative_int, positive_int, read_predictor, shipped_predictor,
 )
+from ..config import BUDGET_MODES, DEFAULT_BUFFER
 from .datasets import DATASETS, Sample, load_samples
 from .grading import get_grader, majority_answer
+from .metrics import RowLengths, budget_for_resident_share, compaction_recalls, resident_tokens
 
 FULL = "full"
-DYNTS = "dynts"
+PREDICTOR = "predictor"  # the learned DynTS Importance Predictor: the scorer registry's name
 ORACLE = "oracle"
+# How tables and plots name a method (others: their own name).
+METHOD_LABELS = {FULL: "full cache", PREDICTOR: "predictor (DynTS)"}
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
+def method_label(method: str) -> str:
+    return METHOD_LABELS.get(method, method)
+
+
 def attention_methods() -> list[str]:
-    """The baseline scorers of ``dynts.scorers``: all but those fed from outside (``external``, ``predictor``,
-    which is method ``dynts`` here)."""
+    """The baseline scorers of ``dynts.scorers``: all but those fed from outside (``external``) and the learned
+    ``predictor``."""
     from dynts.scorers import SCORERS
 
-    return sorted(name for name in SCORERS if name not in ("external", "predictor"))
+    return sorted(name for name in SCORERS if name not in ("external", PREDICTOR))
 
 
 def all_methods() -> list[str]:
-    return [FULL, *attention_methods(), DYNTS, ORACLE]
+    return [FULL, *attention_methods(), PREDICTOR, ORACLE]
 
 
 @dataclass(frozen=True)
@@ -84,16 +105,35 @@ class Sampling:
 
 @dataclass(frozen=True)
 class Setting:
-    """One cell of the sweep: a method and, for compressed caches, its budget, window and keep ratio."""
+    """One cell of the sweep: a method and, for compressed caches, its budget, window, budget mode (default
+    ``dynts``), and the keep ratio (mode ``dynts``) or buffer (mode ``fixed``). ``resident_fraction``: the mean
+    resident share of the thinking length the budget was chosen for (``--resident-fraction``), else None."""
 
     method: str
     budget: int | None = None
     window: int | None = None
     keep_ratio: float | None = None
+    budget_mode: str | None = None
+    buffer: int | None = None
+    resident_fraction: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget is not None and self.budget_mode is None:
+            object.__setattr__(self, "budget_mode", "dynts")
 
     @property
     def label(self) -> str:
-        return self.method if self.budget is None else f"{self.method}@{self.budget}"
+        if self.budget is None:
+            return self.method
+        return f"{self.method}@{self.budget}" + ("" if self.budget_mode == "dynts" else f"/{self.budget_mode}")
+
+    def compression_config(self, think_end: tuple[int, ...] | None = None) -> Any:
+        """The ``CompressionConfig`` of a compressed setting (answer protection on when ``think_end`` is known)."""
+        from dynts import CompressionConfig
+
+        ratio = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
+        return CompressionConfig(budget=self.budget, window=self.window, budget_mode=self.budget_mode,
+                                 buffer=self.buffer, think_end=think_end, protect_answer=think_end is not None, **ratio)
 
 
 @dataclass
@@ -101,6 +141,9 @@ class BatchOutcome:
     completions: list[str]
     new_tokens: list[int]
     finished: list[bool]
+    # Per row: the metrics of its own passes (resident tokens; compaction recalls where the task knows its
+    # critical tokens).
+    rows: list[dict[str, Any]] = field(default_factory=list)
     record: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,14 +192,27 @@ def build_prompts(tokenizer: Any, samples: list[Sample], chat_template: bool) ->
 # The synthetic task's lines end with "|" (before each state) and ":" (before each computation).
 SYNTHETIC_SEPARATORS = (":", "|")
 
+# Finds the decision-critical tokens of a generated text (words, one per token) as {group: positions}: the
+# groups are equally correct copies of one value. Only tasks that know their critical tokens have one.
+CriticalCopies = Callable[[list[str]], dict[int, list[int]]]
+
+
+def critical_copies_finder(grader_name: str) -> CriticalCopies | None:
+    """The synthetic task's ``find_value_copies`` (every copy of a saved value); None for other tasks."""
+    if grader_name != "synthetic":
+        return None
+    from .synthetic_task import find_value_copies
+
+    return find_value_copies
+
 
 def scorer_factory(method: str, tokenizer: Any, predictor: Any, synthetic: bool) -> Any:
     """A function returning a fresh scorer (a cache binds its scorer) for ``method``; None for the full cache."""
     if method == FULL:
         return None
-    if method == DYNTS:
+    if method == PREDICTOR:
         if predictor is None:
-            raise ValueError("method 'dynts' needs a trained importance predictor (--predictor PATH)")
+            raise ValueError("method 'predictor' needs a trained importance predictor (--predictor PATH)")
         return predictor
     if method == ORACLE:
         from .synthetic_task import oracle_scorer
@@ -172,30 +228,59 @@ def scorer_factory(method: str, tokenizer: Any, predictor: Any, synthetic: bool)
     return lambda: get_scorer(method)
 
 
-def make_cache(model: Any, setting: Setting, think_end: tuple[int, ...] | None, new_scorer: Any) -> Any:
-    """The ``past_key_values`` for one batch: None (HF's dynamic cache) for the full cache, else a DynTSCache."""
+def make_cache(model: Any, setting: Setting, think_end: tuple[int, ...] | None, new_scorer: Any, passes: int) -> Any:
+    """The ``past_key_values`` for one batch: None (HF's dynamic cache) for the full cache, else a DynTSCache whose
+    length history holds all ``passes`` forward passes (for per-row resident tokens)."""
     if setting.method == FULL:
         return None
-    from dynts import CompressionConfig, DynTSCache
+    from dynts import DynTSCache
 
-    config = CompressionConfig(
-        budget=setting.budget, window=setting.window, keep_ratio=setting.keep_ratio, think_end=think_end,
-        protect_answer=think_end is not None,
-    )
-    return DynTSCache(model, config, scorer=new_scorer())
+    return DynTSCache(model, setting.compression_config(think_end), scorer=new_scorer(), history_limit=passes)
+
+
+class CompactionLog:
+    """A ``compaction_observer``: per compaction of a row, the positions it held before and those it kept.
+
+    A row holds every column it is fed (its real prompt tokens, then one generated token per pass) until a
+    compaction keeps a subset, so what it held before a compaction is what its previous compaction kept (at first,
+    its real prompt columns) plus the columns fed since. That set is rebuilt here: the observer's ``before`` tensors
+    are views of the slot table, which the compaction has already overwritten when the observer runs on CPU; their
+    lengths are still right, and each rebuilt set is checked against them."""
+
+    def __init__(self, cache: Any, attention_mask: torch.Tensor) -> None:
+        self.cache = cache
+        self.held = [[column for column, real in enumerate(mask) if real] for mask in attention_mask.tolist()]
+        self.columns_seen = [attention_mask.shape[1]] * attention_mask.shape[0]
+        self.events: list[tuple[int, list[int], list[int]]] = []  # (row, positions held before, positions kept)
+
+    def __call__(self, rows: list[int], before: list[torch.Tensor], after: list[torch.Tensor]) -> None:
+        columns = self.cache.compressor.logical_len  # every column fed so far, this pass's included
+        for row, held_before, kept in zip(rows, before, after):
+            held = self.held[row] + list(range(self.columns_seen[row], columns))
+            if len(held) != len(held_before):
+                raise RuntimeError(f"row {row} held {len(held_before)} positions before a compaction; the log counts "
+                                   f"{len(held)}: a row no longer keeps every column it is fed")
+            self.held[row], self.columns_seen[row] = kept.tolist(), columns
+            self.events.append((row, held, self.held[row]))
 
 
 @torch.no_grad()
 def generate_batch(
     model: Any, tokenizer: Any, prompts: list[str], add_special_tokens: bool, setting: Setting,
     sampling: Sampling, think_end: tuple[int, ...] | None, new_scorer: Any, seed: int,
+    critical_copies: CriticalCopies | None = None,
 ) -> BatchOutcome:
-    """Generate one batch with the setting's cache; time it and account its KV memory per step."""
+    """Generate one batch with the setting's cache; time it, account its KV memory per step, and measure per row its
+    resident tokens and (with ``critical_copies``) the critical-token recall of each compaction."""
     from transformers import StoppingCriteriaList
 
     device = next(model.parameters()).device
     inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(device)
-    cache = make_cache(model, setting, think_end, new_scorer)
+    cache = make_cache(model, setting, think_end, new_scorer, passes=sampling.max_new_tokens + 1)
+    log = None
+    if cache is not None and critical_copies is not None:
+        log = CompactionLog(cache, inputs["attention_mask"])
+        cache.compressor.compaction_observer = log
     clock = StepClock(device)
     kwargs: dict[str, Any] = {"max_new_tokens": sampling.max_new_tokens, "do_sample": sampling.do_sample}
     if sampling.do_sample:
@@ -216,6 +301,7 @@ def generate_batch(
     seconds = time.perf_counter() - start
 
     prompt_len = inputs["input_ids"].shape[1]
+    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
     generated = output[:, prompt_len:]
     eos = _eos_ids(model, tokenizer)
     new_tokens, finished = [], []
@@ -224,6 +310,25 @@ def generate_batch(
         finished.append(stop is not None)
         new_tokens.append(len(row) if stop is None else stop + 1)
     completions = tokenizer.batch_decode(generated, skip_special_tokens=True)
+
+    # Per row, its physical length after each of its own forward passes (the prompt's, then one per generated
+    # token but the last): the cache's history for a compressed cache, the prompt plus the tokens so far for the full.
+    history = list(cache.stats.history) if cache is not None else None
+    rows = []
+    for row, (held_prompt, count, token_ids) in enumerate(zip(prompt_tokens, new_tokens, generated.tolist())):
+        lengths = ([step[row] for step in history[:count]] if history is not None
+                   else [held_prompt + step for step in range(count)])
+        mean, peak = resident_tokens(lengths)
+        metrics: dict[str, Any] = {"prompt_tokens": held_prompt, "mean_resident_tokens": mean, "peak_resident_tokens": peak,
+                                   "think_end_index": _think_end_index(token_ids[:count], think_end)}
+        if log is not None:
+            words = tokenizer.convert_ids_to_tokens(token_ids[:count])
+            # A generated token's logical position: after the (left-padded) prompt's columns.
+            copies = {group: [prompt_len + index for index in indices] for group, indices in critical_copies(words).items()}
+            recalls = [compaction_recalls(copies, held, kept, setting.window) for index, held, kept in log.events if index == row]
+            metrics["token_recalls"] = [round(token, 4) for token, _ in recalls if token is not None]
+            metrics["value_recalls"] = [round(value, 4) for _, value in recalls if value is not None]
+        rows.append(metrics)
 
     step_seconds = [b - a for a, b in zip([start] + clock.times[:-1], clock.times)]
     record: dict[str, Any] = {
@@ -251,8 +356,7 @@ def generate_batch(
         stats = cache.stats
         record.update(
             compactions=stats.compactions,
-            mean_resident_tokens=stats.mean_resident_tokens,
-            peak_resident_tokens=stats.peak_resident_tokens,
+            evicted_tokens=stats.evicted_tokens,
             scoring_seconds=stats.scoring_seconds,
             eviction_seconds=stats.eviction_seconds,
             cache_peak_resident_kv_bytes=stats.peak_resident_kv_bytes,
@@ -264,7 +368,7 @@ def generate_batch(
             record["step_kv_bytes"] = [total * per_token for total in record["step_physical_len"]]
             record["peak_kv_bytes"] = stats.peak_resident_kv_bytes
         cache.detach()
-    return BatchOutcome(completions, new_tokens, finished, record)
+    return BatchOutcome(completions, new_tokens, finished, rows, record)
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
@@ -273,6 +377,15 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def _think_end_index(token_ids: list[int], think_end: tuple[int, ...] | None) -> int | None:
+    """Index of the first end-of-thinking marker among a row's generated tokens, or None."""
+    if think_end is None:
+        return None
+    from dynts.tracking import find_marker
+
+    return find_marker(token_ids, think_end)
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -301,15 +414,15 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
     seconds = sum(b["seconds"] for b in batches)
     summary = {
         "type": "summary",
-        "method": setting.method,
-        "budget": setting.budget,
-        "window": setting.window,
-        "keep_ratio": setting.keep_ratio,
+        **asdict(setting),
         "problems": len(by_problem),
         "samples": n,
         "pass@1": pass_k["1"],
         "pass@k": pass_k,
         f"maj@{n}": statistics.mean(majority_correct),
+        "partial_credit": statistics.mean(r["partial_credit"] for r in rows),
+        "mean_resident_tokens": statistics.mean(r["mean_resident_tokens"] for r in rows),
+        "peak_resident_tokens": max(r["peak_resident_tokens"] for r in rows),
         "tokens_per_second": sum(b["new_tokens"] for b in batches) / seconds,
         "latency_s_per_batch": seconds / len(batches),
         "ms_per_step": statistics.mean(b["ms_per_step"] for b in batches),
@@ -322,6 +435,11 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
         summary["compactions"] = sum(b.get("compactions", 0) for b in batches)
         summary["eviction_seconds"] = sum(b.get("eviction_seconds", 0.0) for b in batches)
         summary["scoring_seconds"] = sum(b.get("scoring_seconds", 0.0) for b in batches)
+        # Pooled over every compaction of every row that had a critical token (or value) to choose from.
+        for name, key in (("critical_token_recall", "token_recalls"), ("critical_value_recall", "value_recalls")):
+            values = [value for r in rows for value in r.get(key, [])]
+            summary[name] = statistics.mean(values) if values else None
+        summary["recall_compactions"] = sum(len(r.get("token_recalls", [])) for r in rows)
     return summary
 
 
@@ -351,6 +469,7 @@ def evaluate(
     except ValueError:
         think_end = None
         warnings.warn("the tokenizer has no </think> token: answer protection is off (the whole output is graded)", stacklevel=2)
+    critical_copies = critical_copies_finder(grader.name)
     prompts, add_special = build_prompts(tokenizer, samples, chat_template)
     # Each prompt repeated once per sample, then cut into batches of sampling.batch_size rows.
     rows_plan = [(sample, text, index) for sample, text in zip(samples, prompts) for index in range(sampling.samples)]
@@ -364,20 +483,22 @@ def evaluate(
         for batch_index, batch in enumerate(batches):
             outcome = generate_batch(
                 model, tokenizer, [text for _, text, _ in batch], add_special, setting, sampling, think_end,
-                new_scorer, seed=sampling.seed + batch_index,
+                new_scorer, seed=sampling.seed + batch_index, critical_copies=critical_copies,
             )
             record = {"type": "batch", "dataset": dataset, **asdict(setting), "batch": batch_index, **outcome.record}
             batch_records.append(record)
             _write(out_file, record)
-            for (sample, _, sample_index), completion, new_tokens, finished in zip(
-                batch, outcome.completions, outcome.new_tokens, outcome.finished
+            for (sample, _, sample_index), completion, new_tokens, finished, metrics in zip(
+                batch, outcome.completions, outcome.new_tokens, outcome.finished, outcome.rows
             ):
                 extracted = grader.extract(completion)
                 correct = grader.is_correct(extracted, references[sample.id])
                 row = {
                     "type": "sample", "dataset": dataset, **asdict(setting), "id": sample.id,
-                    "sample_index": sample_index, "correct": bool(correct), "extracted": grader.display(extracted),
-                    "reference": sample.reference, "new_tokens": new_tokens, "finished": finished,
+                    "sample_index": sample_index, "correct": bool(correct),
+                    "partial_credit": grader.partial_credit(extracted, references[sample.id]),
+                    "extracted": grader.display(extracted), "reference": sample.reference, "new_tokens": new_tokens,
+                    "finished": finished, **metrics,
                 }
                 if save_completions:
                     row["completion"] = completion
@@ -398,15 +519,20 @@ def _write(out_file: Any, record: dict[str, Any]) -> None:
 
 
 def format_table(summaries: Iterable[dict[str, Any]]) -> str:
-    """A plain-text table of summaries, one row per (method, budget)."""
-    header = ["method", "budget", "pass@1", "maj", "tok/s", "ms/step", "peak KV MB", "compactions"]
+    """A plain-text table of summaries, one row per (method, budget mode, budget). Partial credit is the share of
+    saved values answered right on synthetic (exact match elsewhere); recall: critical tokens kept per compaction
+    (and values, any copy); mean / peak KV: resident tokens per row."""
+    header = ["method", "mode", "budget", "pass@1", "partial", "recall tok/val", "mean KV", "peak KV", "tok/s",
+              "compactions"]
     lines = [header]
     for s in summaries:
-        majority = next(value for key, value in s.items() if key.startswith("maj@"))
+        recall = "-"
+        if s.get("critical_token_recall") is not None:
+            recall = f"{s['critical_token_recall']:.2f}/{s['critical_value_recall']:.2f}"
         lines.append([
-            s["method"], "-" if s["budget"] is None else str(s["budget"]), f"{s['pass@1']:.3f}", f"{majority:.3f}",
-            f"{s['tokens_per_second']:.0f}", f"{s['ms_per_step']:.1f}", f"{s['peak_kv_bytes'] / 1e6:.2f}",
-            str(s.get("compactions", "-")),
+            method_label(s["method"]), s.get("budget_mode") or "-", "-" if s["budget"] is None else str(s["budget"]),
+            f"{s['pass@1']:.3f}", f"{s['partial_credit']:.3f}", recall, f"{s['mean_resident_tokens']:.0f}",
+            str(s["peak_resident_tokens"]), f"{s['tokens_per_second']:.0f}", str(s.get("compactions", "-")),
         ])
     widths = [max(len(row[column]) for row in lines) for column in range(len(header))]
     text = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in lines]
@@ -437,6 +563,13 @@ def _fraction_list(text: str) -> list[float]:
     return values
 
 
+def _budget_modes(text: str) -> list[str]:
+    modes = [part.strip() for part in text.split(",") if part.strip()]
+    if not modes or any(mode not in BUDGET_MODES for mode in modes) or len(set(modes)) < len(modes):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be one or both of {', '.join(BUDGET_MODES)}, comma-separated")
+    return modes
+
+
 def _step_range(text: str) -> tuple[int, int]:
     low, _, high = text.partition("-")
     if not (low.isdigit() and (high or low).isdigit()):
@@ -445,24 +578,35 @@ def _step_range(text: str) -> tuple[int, int]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .synthetic_task import FAMILIES, FAMILY_STEPS, REUSE_PERIODS
+
     add_model_arguments(parser, default=BUNDLED)
     parser.add_argument("--dataset", default="synthetic", choices=DATASETS, help="benchmark to evaluate on")
     parser.add_argument("--limit", type=positive_int, default=None,
                         help="first N problems (synthetic: N problems; default 100 there, all elsewhere)")
     parser.add_argument("--data-dir", type=existing_folder, default=None,
                         help="folder of <dataset>.jsonl files (default: $DYNTS_DATA_DIR, else the HF hub)")
+    parser.add_argument("--synthetic-family", choices=FAMILIES, default=None,
+                        help="synthetic: how the trace uses its saved values: dormant (read only by a later save and "
+                             "the answer), reuse (re-read every --synthetic-reuse-every steps), branches (abandoned "
+                             "branches) (default: dormant)")
+    parser.add_argument("--synthetic-reuse-every", type=int, choices=REUSE_PERIODS, default=None,
+                        help="synthetic, family reuse: re-read period in machine steps (default: 2)")
+    steps = ", ".join(f"{family} {low}-{high}" for family, (low, high) in FAMILY_STEPS.items())
     parser.add_argument("--synthetic-steps", type=_step_range, default=None,
-                        help="synthetic: machine steps per problem, N or LOW-HIGH (default: the task's 36-44)")
+                        help=f"synthetic: machine steps per problem, N or LOW-HIGH (default: the family's, about 1,000 "
+                             f"thinking tokens: {steps})")
     parser.add_argument("--synthetic-saves", type=positive_int, default=None,
                         help="synthetic: saved values the answer needs (default: the task's 6)")
     parser.add_argument("--synthetic-noise", type=non_negative_int, default=None,
                         help="synthetic: distractor level (default: the task's 3)")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated, from {', '.join(all_methods())} (default: full, every attention "
-                             "scorer, dynts when a predictor is given or shipped with the model, and oracle on synthetic)")
+                             "scorer, predictor when a predictor head is given or shipped with the model, and oracle "
+                             "on synthetic)")
     parser.add_argument("--predictor", type=Path, default=None,
-                        help="trained importance predictor for method dynts (default: the shipped head when --model "
-                             "is bundled)")
+                        help="trained importance predictor head for method predictor (default: the shipped head when "
+                             "--model is bundled)")
     budgets = parser.add_mutually_exclusive_group()
     budgets.add_argument("--budget", type=_int_list, default=None, help="KV budgets in tokens, comma-separated")
     budgets.add_argument("--budget-fraction", type=_fraction_list, default=None,
@@ -471,9 +615,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "of the full cache's outputs (method full must run), so the budgets are known and "
                               "checked against --window only after the full-cache run (up front: --window against "
                               "the largest budget the smallest fraction can give)")
+    budgets.add_argument("--resident-fraction", type=_fraction_list, default=None,
+                         help="mean resident KV per row as fractions of the mean thinking length, comma-separated: for "
+                              "each budget mode, the budget whose eviction schedule (the same for every scorer, "
+                              "simulated from the lengths alone) holds that share on average, so that methods and "
+                              "modes compare at equal mean KV; the measured mean is reported beside each result. "
+                              "synthetic: from the reference traces, before the model loads; other datasets: from "
+                              "the full cache's outputs (method full must run)")
+    parser.add_argument("--budget-mode", type=_budget_modes, default=["dynts"],
+                        help="dynts: compact a row when it reaches the budget, keeping the window and --keep-ratio of "
+                             "the older tokens (DynTS); fixed: hold at most budget + --buffer and compact down to the "
+                             "budget (R-KV / kvpress); both: dynts,fixed (default: dynts)")
+    parser.add_argument("--buffer", type=positive_int, default=None,
+                        help="--budget-mode fixed: tokens a row grows past the budget before it is compacted (default: "
+                             "128, R-KV's)")
     parser.add_argument("--window", type=non_negative_int, default=None,
                         help="recent tokens always kept (default: 64 on synthetic, budget // 3 otherwise)")
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens a compaction keeps, in (0, 1]")
+    parser.add_argument("--keep-ratio", type=float, default=0.3,
+                        help="--budget-mode dynts: share of the older tokens a compaction keeps, in (0, 1]")
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="generated tokens per answer at most (default: 16384; synthetic: the longest reference + 64)")
     parser.add_argument("--do-sample", action="store_true", help="sample (with the settings below) instead of greedy decoding")
@@ -485,7 +644,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (and the order of gpqa_d's choices)")
     parser.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                         help="wrap prompts in the tokenizer's chat template (default: when it has one; never on synthetic)")
-    parser.add_argument("--out", type=Path, default=Path("out/eval"), help="folder for results.jsonl and the plots")
+    parser.add_argument("--out", type=Path, default=Path("out/eval"),
+                        help="folder for results.jsonl, tables.md and the plots")
     parser.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True, help="write the plots")
     parser.add_argument("--save-completions", action=argparse.BooleanOptionalAction, default=True,
                         help="keep every generated text in results.jsonl")
@@ -493,11 +653,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_methods(text: str | None, predictor: Path | None, model: Path, dataset: str) -> tuple[list[str], Path | None]:
-    """--methods (None: every method that can run) and the predictor head for method dynts (--predictor, else the
-    head shipped with the bundled model; None when dynts does not run)."""
+    """--methods (None: every method that can run) and the predictor head for method predictor (--predictor, else
+    the head shipped with the bundled model; None when the predictor does not run)."""
     head = predictor if predictor is not None else shipped_predictor(model)
     if text is None:
-        methods = [FULL, *attention_methods()] + ([DYNTS] if head is not None else [])
+        methods = [FULL, *attention_methods()] + ([PREDICTOR] if head is not None else [])
         methods += [ORACLE] if dataset == "synthetic" else []
     else:
         methods = [method.strip() for method in text.split(",") if method.strip()]
@@ -506,11 +666,11 @@ def resolve_methods(text: str | None, predictor: Path | None, model: Path, datas
             raise UsageError(f"--methods {text}: unknown {', '.join(unknown) or '(empty)'}; allowed: {', '.join(all_methods())}")
     if ORACLE in methods and dataset != "synthetic":
         raise UsageError(f"--methods {text}: oracle exists only for --dataset synthetic (it knows the task)")
-    if DYNTS in methods and head is None:
-        raise UsageError(f"--methods {text}: dynts needs --predictor PATH (a head from `dynts train-predictor`)")
-    if predictor is not None and DYNTS not in methods:
-        raise UsageError(f"--predictor is only used by method dynts, which --methods {text} leaves out")
-    return methods, head if DYNTS in methods else None
+    if PREDICTOR in methods and head is None:
+        raise UsageError(f"--methods {text}: predictor needs --predictor PATH (a head from `dynts train-predictor`)")
+    if predictor is not None and PREDICTOR not in methods:
+        raise UsageError(f"--predictor is only used by method predictor, which --methods {text} leaves out")
+    return methods, head if PREDICTOR in methods else None
 
 
 def default_window(args: argparse.Namespace, budget: int) -> int:
@@ -519,91 +679,148 @@ def default_window(args: argparse.Namespace, budget: int) -> int:
     return 64 if args.dataset == "synthetic" else max(1, budget // 3)
 
 
-def compressed_settings(args: argparse.Namespace, methods: list[str], budgets: dict[int, str]) -> list[Setting]:
-    """One setting per compressed method and budget, each checked by CompressionConfig. ``budgets`` maps each
-    budget to where it came from, said in the error ("" for a budget given as such)."""
+@dataclass(frozen=True)
+class BudgetChoice:
+    """One budget of a run in one budget mode, where it came from (said in an error; "" for a budget given as
+    such), and the mean resident share it was chosen for (``--resident-fraction``)."""
+
+    budget_mode: str
+    budget: int
+    origin: str = ""
+    resident_fraction: float | None = None
+
+
+def compressed_setting(args: argparse.Namespace, method: str, choice: BudgetChoice) -> Setting:
+    fixed = choice.budget_mode == "fixed"
+    buffer = None
+    if fixed:
+        buffer = DEFAULT_BUFFER if args.buffer is None else args.buffer
+    return Setting(method, choice.budget, default_window(args, choice.budget), None if fixed else args.keep_ratio,
+                   choice.budget_mode, buffer, choice.resident_fraction)
+
+
+def compression_settings(args: argparse.Namespace, choice: BudgetChoice) -> Any:
+    """The ``CompressionConfig`` of a budget choice, checked: a bad value is a UsageError naming its option (and
+    where the budget came from)."""
     from dynts import CompressionConfig
 
+    probe = compressed_setting(args, FULL, choice)
+    try:
+        return make_settings(CompressionConfig, names={"budget": "the budget"} if choice.origin else None,
+                             budget=probe.budget, window=probe.window, keep_ratio=args.keep_ratio,
+                             budget_mode=probe.budget_mode, buffer=probe.buffer)
+    except UsageError as error:
+        raise UsageError(f"{choice.origin}: {error}" if choice.origin else str(error)) from error
+
+
+def compressed_settings(args: argparse.Namespace, methods: list[str], choices: list[BudgetChoice]) -> list[Setting]:
+    """One setting per budget choice and compressed method, each checked by CompressionConfig."""
     settings = []
-    for budget, origin in budgets.items():
-        window = default_window(args, budget)
-        try:
-            make_settings(CompressionConfig, names={"budget": "the budget"} if origin else None, budget=budget,
-                          window=window, keep_ratio=args.keep_ratio)
-        except UsageError as error:
-            raise UsageError(f"{origin}: {error}" if origin else str(error)) from error
-        settings += [Setting(method, budget, window, args.keep_ratio) for method in methods if method != FULL]
+    for choice in choices:
+        compression_settings(args, choice)
+        settings += [compressed_setting(args, method, choice) for method in methods if method != FULL]
     return settings
 
 
 def check_scorers(settings: list[Setting], tokenizer: Any, synthetic: bool) -> None:
     """Each compressed setting's scorer accepts its settings (e.g. SnapKV's observation window fits inside the
     window): checked with the tokenizer alone, before the model loads."""
-    from dynts import CompressionConfig
-
     checked = set()
     for setting in settings:
-        if setting.method in (FULL, DYNTS) or (setting.method, setting.window) in checked:
+        if setting.method in (FULL, PREDICTOR) or (setting.method, setting.window) in checked:
             continue
         checked.add((setting.method, setting.window))
-        config = CompressionConfig(budget=setting.budget, window=setting.window, keep_ratio=setting.keep_ratio)
         try:
-            scorer_factory(setting.method, tokenizer, None, synthetic)().validate(config)
+            scorer_factory(setting.method, tokenizer, None, synthetic)().validate(setting.compression_config())
         except ValueError as error:
             raise UsageError(f"method {setting.method} with --window {setting.window}: {error}") from error
 
 
-def fraction_budgets(args: argparse.Namespace, mean_trace: float) -> dict[int, str]:
-    """--budget-fraction -> {budget: origin}, budgets of at least 2 tokens."""
-    budgets = {}
-    for fraction in args.budget_fraction:
-        budget = max(2, round(fraction * mean_trace))
-        budgets.setdefault(budget, f"--budget-fraction {fraction:g} gives budget {budget} ({fraction:g} x {mean_trace:.0f} thinking tokens)")
-    return budgets
+def fraction_choices(args: argparse.Namespace, mean_trace: float, rows: list[RowLengths] | None) -> list[BudgetChoice]:
+    """--budget-fraction or --resident-fraction -> a budget per budget mode and fraction. ``mean_trace``: the mean
+    thinking length; ``rows``: every problem's lengths (for --resident-fraction's schedule)."""
+    choices = []
+    for mode in args.budget_mode:
+        if args.budget_fraction is not None:
+            for fraction in args.budget_fraction:
+                budget = max(2, round(fraction * mean_trace))
+                origin = f"--budget-fraction {fraction:g} gives budget {budget} ({fraction:g} x {mean_trace:.0f} thinking tokens)"
+                choices.append(BudgetChoice(mode, budget, origin))
+            continue
+        for fraction in args.resident_fraction:
+            budget = resident_budget(args, mode, fraction, mean_trace, rows)
+            choices.append(BudgetChoice(mode, budget, f"--resident-fraction {fraction:g} gives budget {budget}", fraction))
+    return list(dict.fromkeys(choices))
 
 
-def resolve_settings(args: argparse.Namespace, samples: list[Sample], methods: list[str],
-                     max_new_tokens: int) -> tuple[list[Setting], float | None]:
-    """Settings in run order (the full cache first: on real datasets its outputs size --budget-fraction budgets)
-    and the mean thinking length when it is known before any run (synthetic: the reference traces). On a real
-    dataset with --budget-fraction only the full cache's setting is returned; ``fraction_budgets`` follows its run."""
+def resident_budget(args: argparse.Namespace, mode: str, fraction: float, mean_trace: float, rows: list[RowLengths]) -> int:
+    """The budget of ``mode`` whose schedule keeps ``fraction`` of the mean thinking length resident on average."""
+    origin = f"--resident-fraction {fraction:g} with --budget-mode {mode}"
+    # With --window (or on synthetic) the smallest budget is window + 1; otherwise the window follows the budget.
+    smallest = 2 if args.window is None and args.dataset != "synthetic" else default_window(args, 2) + 1
+    compression_settings(args, BudgetChoice(mode, smallest, origin))  # the other settings, checked once, by name
+    try:
+        return budget_for_resident_share(lambda budget: compression_settings(args, BudgetChoice(mode, budget, origin)),
+                                         rows, mean_trace, fraction, smallest)[0]
+    except ValueError as error:
+        raise UsageError(f"{origin}: {error}") from error
+
+
+def resolve_settings(args: argparse.Namespace, samples: list[Sample], methods: list[str], max_new_tokens: int,
+                     prompt_tokens: list[int] | None) -> tuple[list[Setting], float | None]:
+    """Settings in run order (the full cache first: on real datasets its outputs size fraction budgets) and the mean
+    thinking length when it is known before any run (synthetic: the reference traces, whose prompts hold
+    ``prompt_tokens`` tokens). On a real dataset with --budget-fraction or --resident-fraction only the full cache's
+    setting is returned; ``fraction_choices`` follows its run."""
     compressed = [method for method in methods if method != FULL]
+    fractions = args.budget_fraction or args.resident_fraction
     settings = [Setting(FULL)] if FULL in methods else []
-    if compressed and args.budget is None and args.budget_fraction is None:
-        raise UsageError(f"methods {', '.join(compressed)} need --budget or --budget-fraction")
-    if not compressed and (args.budget or args.budget_fraction):
-        raise UsageError("--budget / --budget-fraction are only used by compressed methods; --methods has none")
+    if compressed and args.budget is None and fractions is None:
+        raise UsageError(f"methods {', '.join(compressed)} need --budget, --budget-fraction or --resident-fraction")
+    if not compressed and (args.budget or fractions):
+        raise UsageError("--budget / --budget-fraction / --resident-fraction are only used by compressed methods; "
+                         "--methods has none")
+    if args.buffer is not None and "fixed" not in args.budget_mode:
+        raise UsageError(f"--buffer is used by --budget-mode fixed only (--budget-mode is {','.join(args.budget_mode)})")
     if args.budget is not None:
-        return settings + compressed_settings(args, methods, dict.fromkeys(args.budget, "")), None
-    if args.budget_fraction is None:
+        choices = [BudgetChoice(mode, budget) for mode in args.budget_mode for budget in args.budget]
+        return settings + compressed_settings(args, methods, choices), None
+    if fractions is None:
         return settings, None
     if args.dataset == "synthetic":
         mean_trace = statistics.mean(sample.meta["trace_length"] for sample in samples)
-        return settings + compressed_settings(args, methods, fraction_budgets(args, mean_trace)), mean_trace
+        # The model writes the reference completion, then its end-of-sequence token.
+        rows = [RowLengths(prompt, sample.meta["completion_tokens"] + 1, sample.meta["trace_length"])
+                for sample, prompt in zip(samples, prompt_tokens)]
+        return settings + compressed_settings(args, methods, fraction_choices(args, mean_trace, rows)), mean_trace
+    option = "--budget-fraction" if args.budget_fraction else "--resident-fraction"
     if FULL not in methods:
-        raise UsageError("--budget-fraction on a real dataset needs method full (its outputs size the budgets)")
+        raise UsageError(f"{option} on a real dataset needs method full (its outputs size the budgets)")
     # The largest budget the smallest fraction can give: every output max_new_tokens long.
-    largest = max(2, round(min(args.budget_fraction) * max_new_tokens))
-    if args.window is not None and largest <= args.window:
-        raise UsageError(f"--budget-fraction {min(args.budget_fraction):g} gives at most {largest} tokens (outputs of "
+    largest = max(2, round(min(fractions) * max_new_tokens))
+    if args.budget_fraction and args.window is not None and largest <= args.window:
+        raise UsageError(f"--budget-fraction {min(fractions):g} gives at most {largest} tokens (outputs of "
                          f"--max-new-tokens {max_new_tokens}), not above --window {args.window}")
     return settings, None
 
 
+def synthetic_task(args: argparse.Namespace) -> Any:
+    """The synthetic task's settings from the --synthetic-* options (None on other datasets, where they are refused)."""
+    from .synthetic_task import TaskConfig
+
+    given = {name: getattr(args, f"synthetic_{name}") for name in ("family", "reuse_every", "steps", "saves", "noise")}
+    if args.dataset != "synthetic":
+        used = [f"--synthetic-{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+        if used:
+            raise UsageError(f"{', '.join(used)}: only for --dataset synthetic (--dataset is {args.dataset})")
+        return None
+    values = {name: value for name, value in given.items() if value is not None}
+    return make_settings(TaskConfig, names={name: f"--synthetic-{name.replace('_', '-')}" for name in given}, **values)
+
+
 def load_eval_samples(args: argparse.Namespace) -> list[Sample]:
     """The dataset's problems; a bad file, field or task setting is a UsageError."""
-    synthetic = None
-    if args.dataset == "synthetic":
-        from .synthetic_task import TaskConfig
-
-        defaults = TaskConfig()
-        try:
-            synthetic = TaskConfig(
-                steps=args.synthetic_steps or defaults.steps, saves=args.synthetic_saves or defaults.saves,
-                noise=defaults.noise if args.synthetic_noise is None else args.synthetic_noise,
-            )
-        except ValueError as error:
-            raise UsageError(f"--synthetic-steps / --synthetic-saves / --synthetic-noise: {error}") from error
+    synthetic = synthetic_task(args)
     try:
         return load_samples(args.dataset, data_dir=args.data_dir, limit=args.limit, synthetic=synthetic, seed=args.seed)
     except (OSError, ValueError, RuntimeError) as error:
@@ -622,7 +839,9 @@ def run(args: argparse.Namespace) -> int:
         Sampling, max_new_tokens=max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
         top_p=args.top_p, top_k=args.top_k, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
     )
-    settings, mean_trace = resolve_settings(args, samples, methods, max_new_tokens)
+    tokenizer = load_tokenizer(args.model)
+    prompt_tokens = [len(tokenizer(sample.question)["input_ids"]) for sample in samples] if synthetic else None
+    settings, mean_trace = resolve_settings(args, samples, methods, max_new_tokens, prompt_tokens)
     head = identity = None
     if predictor_path is not None:
         head, identity = read_predictor(predictor_path, args.model)
@@ -630,7 +849,6 @@ def run(args: argparse.Namespace) -> int:
         args.out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--out {args.out}: {error}") from error
-    tokenizer = load_tokenizer(args.model)
     chat_template = False if synthetic else chat_template_choice(tokenizer, args.chat_template)
     check_scorers(settings, tokenizer, synthetic)
 
@@ -647,20 +865,24 @@ def run(args: argparse.Namespace) -> int:
     common = dict(dataset=args.dataset, chat_template=chat_template, predictor=predictor, progress=args.progress,
                   save_completions=args.save_completions)
     with open(results_path, "w") as out_file:
-        _write(out_file, run_record(args.model, args.dataset, samples, methods, args.window, args.keep_ratio, mean_trace))
+        record = dict(window=args.window, keep_ratio=args.keep_ratio, budget_modes=args.budget_mode, buffer=args.buffer)
+        _write(out_file, run_record(args.model, args.dataset, samples, methods, mean_trace, **record))
         summaries = evaluate(model, tokenizer, samples, settings, sampling, out_file=out_file, **common) if settings else []
-        if args.budget_fraction is not None and not synthetic:
-            mean_trace = mean_full_cache_tokens(results_path)
+        if (args.budget_fraction or args.resident_fraction) and not synthetic:
+            mean_trace, rows = full_cache_lengths(results_path)
             try:
-                compressed = compressed_settings(args, methods, fraction_budgets(args, mean_trace))
+                compressed = compressed_settings(args, methods, fraction_choices(args, mean_trace, rows))
                 check_scorers(compressed, tokenizer, synthetic)
             except UsageError as error:
                 raise UsageError(f"{error} (the full-cache results are in {results_path})") from error
             print(f"mean thinking length {mean_trace:.0f} tokens -> budgets {sorted({s.budget for s in compressed})}")
-            _write(out_file, run_record(args.model, args.dataset, samples, methods, args.window, args.keep_ratio, mean_trace))
+            _write(out_file, run_record(args.model, args.dataset, samples, methods, mean_trace, **record))
             summaries += evaluate(model, tokenizer, samples, compressed, sampling, out_file=out_file, **common)
     print(format_table(summaries))
     print(f"results: {results_path}")
+    from .plots import write_tables
+
+    print(f"tables: {write_tables(results_path, args.out / 'tables.md')}")
     if args.plots:
         from .plots import plot_results
 
@@ -669,26 +891,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_record(model: Path, dataset: str, samples: list[Sample], methods: list[str], window: int | None,
-               keep_ratio: float, trace_tokens: float | None) -> dict[str, Any]:
-    """The record opening results.jsonl: what ran, for the plots' titles. ``trace_tokens``: the length budget
-    fractions refer to (None until known)."""
+def run_record(model: Path, dataset: str, samples: list[Sample], methods: list[str], trace_tokens: float | None, *,
+               window: int | None, keep_ratio: float, budget_modes: list[str], buffer: int | None) -> dict[str, Any]:
+    """The record opening results.jsonl: what ran, for the plots' and tables' titles. ``trace_tokens``: the length
+    budget and resident fractions refer to (None until known)."""
+    synthetic = dataset == "synthetic"
+    task = None
+    if synthetic and samples:
+        meta = samples[0].meta
+        task = {"family": meta["family"], "reuse_every": meta["reuse_every"], "saves": meta["saves"], "noise": meta["noise"]}
     return {
-        "type": "run", "model": model_label(model), "dataset": dataset, "problems": len(samples), "methods": methods,
-        "window": window, "keep_ratio": keep_ratio, "trace_tokens": trace_tokens,
-        "trace_tokens_source": "reference traces" if dataset == "synthetic" else "full-cache outputs",
+        "type": "run", "model": model_label(model), "dataset": dataset, "task": task, "problems": len(samples),
+        "methods": methods, "window": window, "keep_ratio": keep_ratio, "budget_modes": budget_modes, "buffer": buffer,
+        "trace_tokens": trace_tokens, "trace_tokens_source": "reference traces" if synthetic else "full-cache outputs",
     }
 
 
-def mean_full_cache_tokens(results_path: Path) -> float:
-    """Mean generated length of the full cache's samples in ``results_path`` (sizes --budget-fraction budgets on
-    real datasets, whose thinking length is known only from running)."""
-    lengths = []
+def full_cache_lengths(results_path: Path) -> tuple[float, list[RowLengths]]:
+    """Mean generated length of the full cache's samples in ``results_path`` and every sample's lengths: on real
+    datasets the thinking length is known only from running, and it sizes the fraction budgets."""
+    rows = []
     with open(results_path) as handle:
         for line in handle:
             record = json.loads(line)
             if record.get("type") == "sample" and record["method"] == FULL:
-                lengths.append(record["new_tokens"])
-    if not lengths:
-        raise ValueError("no full-cache samples to size --budget-fraction from")
-    return statistics.mean(lengths)
+                rows.append(RowLengths(record["prompt_tokens"], record["new_tokens"], record["think_end_index"]))
+    if not rows:
+        raise ValueError("no full-cache samples to size the fraction budgets from")
+    return statistics.mean(row.generated_tokens for row in rows), rows

@@ -81,8 +81,8 @@ BAD_INPUTS = [
     (["eval", "--dataset", "math500", "--data-dir", "{tmp}", "--methods", "full"], ["math500.jsonl", "{tmp}"]),
     (["eval", "--methods", "full,nope"], ["--methods", "nope", "h2o"]),
     (["eval", "--dataset", "math500", "--methods", "full,oracle"], ["--methods", "oracle", "synthetic"]),
-    (["eval", "--model", "{other_model}", "--methods", "dynts", "--budget", "100"], ["dynts", "--predictor"]),
-    (["eval", "--methods", "dynts", "--budget", "100", "--predictor", "{tmp}/missing-head"], ["--predictor", "missing-head"]),
+    (["eval", "--model", "{other_model}", "--methods", "predictor", "--budget", "100"], ["predictor", "--predictor"]),
+    (["eval", "--methods", "predictor", "--budget", "100", "--predictor", "{tmp}/missing-head"], ["--predictor", "missing-head"]),
     (["eval", "--methods", "h2o"], ["h2o", "--budget"]),
     (["eval", "--limit", "2", "--budget-fraction", "0.05"], ["--budget-fraction 0.05", "--window", "64"]),
     (["eval", "--dataset", "math500", "--data-dir", "{benchmark_files}", "--budget-fraction", "0.01", "--window", "100",
@@ -251,8 +251,10 @@ def readme_commands() -> list[list[str]]:
 
 def reduced(words: list[str]) -> list[str]:
     """A README command with its placeholders filled and a small workload: ``PATH`` is the bundled model, a label
-    run reads the small problems of ``train.jsonl`` (written by the test) instead of drawing ``--synthetic`` ones."""
+    run reads the small problems of ``train.jsonl`` (written by the test) instead of drawing ``--synthetic`` ones, and
+    a command given ``--device cuda`` runs on the CPU."""
     words = ["bundled" if word == "PATH" else word for word in words]
+    words = ["cpu" if previous == "--device" and word.startswith("cuda") else word for previous, word in zip([""] + words, words)]
     command = words[1]
     if command == "label" and "--synthetic" in words:
         index = words.index("--synthetic")

@@ -9,7 +9,9 @@ import pytest
 import torch
 from dynts.evals.datasets import default_data_dir
 from dynts.evals.grading import get_grader
-from dynts.evals.harness import FULL, Sampling, Setting, attention_methods, evaluate, summarize
+from dynts.evals.harness import (
+    FULL, ORACLE, PREDICTOR, CompactionLog, Sampling, Setting, attention_methods, evaluate, generate_batch, summarize,
+)
 
 from dynts.cli import main as cli_main
 
@@ -76,7 +78,15 @@ def test_eval_runs_end_to_end_on_real_benchmarks_with_a_random_model(dataset: st
         assert len(batch["step_seconds"]) == batch["steps"] == len(batch["step_kv_bytes"]) > 0
     full, window = summaries["full"], summaries["window"]
     assert window["compactions"] > 0 and window["peak_kv_bytes"] < full["peak_kv_bytes"]
-    assert (out / "accuracy_vs_budget.png").stat().st_size > 0 and (out / "step_profile.png").stat().st_size > 0
+    for sample in samples:
+        assert sample["partial_credit"] == 0.0 and sample["prompt_tokens"] > 0
+        if sample["method"] == "full":  # the full cache holds the prompt, then one more token per pass
+            assert sample["mean_resident_tokens"] == sample["prompt_tokens"] + (sample["new_tokens"] - 1) / 2
+            assert sample["peak_resident_tokens"] == sample["prompt_tokens"] + sample["new_tokens"] - 1
+    assert window["mean_resident_tokens"] < full["mean_resident_tokens"]
+    assert "critical_token_recall" not in full and window["critical_token_recall"] is None  # math500 knows none
+    for name in ("accuracy_vs_resident_kv.png", "step_profile.png", "tables.md"):
+        assert (out / name).stat().st_size > 0
 
 
 def test_sampling_reports_pass_at_k_and_majority(tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -101,21 +111,180 @@ def test_sampling_reports_pass_at_k_and_majority(tiny_model_dir: Path, tmp_path:
 def test_summary_metrics_from_known_outcomes() -> None:
     grader = get_grader("synthetic")
     rows = []
-    for problem, outcomes in {"p0": ["1", "1", "2", None], "p1": ["3", "4", "4", "4"]}.items():
-        reference = {"p0": "1", "p1": "3"}[problem]
-        for answer in outcomes:
+    for problem, outcomes in {"p0": ["1 2", "1 2", "2 2", None], "p1": ["3 5", "4 5", "4 5", "4 5"]}.items():
+        reference = {"p0": "1 2", "p1": "3 5"}[problem]
+        for index, answer in enumerate(outcomes):
             rows.append({"id": problem, "correct": answer == reference, "_extracted": answer, "_reference": reference,
-                         "new_tokens": 10, "finished": True})
+                         "partial_credit": grader.partial_credit(answer, reference), "new_tokens": 10, "finished": True,
+                         "mean_resident_tokens": 40.0 + index, "peak_resident_tokens": 50 + index,
+                         "token_recalls": [1.0, 0.5] if problem == "p0" else [], "value_recalls": [1.0, 1.0]})
     batches = [{"seconds": 2.0, "new_tokens": 80, "ms_per_step": 5.0, "peak_kv_bytes": 100, "kv_bytes_source": "cache_accounting"}]
     summary = summarize(Setting(FULL), rows, batches, grader, samples_per_problem=4)
     assert summary["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert summary["pass@k"]["4"] == 1.0
-    assert summary["maj@4"] == 0.5  # p0 votes "1" (right), p1 votes "4" (wrong)
+    assert summary["maj@4"] == 0.5  # p0 votes "1 2" (right), p1 votes "4 5" (wrong)
     assert summary["tokens_per_second"] == 40.0
+    # Per save: p0 1, 1, 1/2, 0; p1 1, 1/2, 1/2, 1/2.
+    assert summary["partial_credit"] == pytest.approx((1 + 1 + 0.5 + 0 + 1 + 0.5 + 0.5 + 0.5) / 8)
+    assert summary["mean_resident_tokens"] == 41.5 and summary["peak_resident_tokens"] == 53
+    assert "critical_token_recall" not in summary  # the full cache never compacts
+    compressed = summarize(Setting("h2o", 40, 8, 0.3, "dynts"), rows, batches, grader, samples_per_problem=4)
+    # Pooled over every compaction with a candidate: 4 rows x [1.0, 0.5] of p0; p1's rows had none.
+    assert compressed["critical_token_recall"] == 0.75 and compressed["recall_compactions"] == 8
+    assert compressed["critical_value_recall"] == 1.0 and compressed["budget_mode"] == "dynts"
 
 
 def test_sampling_settings_are_checked() -> None:
     # The command line's errors (one line, exit status 2, before any model) are tested in tests/test_cli.py.
     with pytest.raises(ValueError, match="samples > 1 needs do_sample"):
         Sampling(max_new_tokens=4, samples=2)
-    assert "dynts" not in attention_methods() and "predictor" not in attention_methods()
+    assert PREDICTOR not in attention_methods() and "external" not in attention_methods()
+
+
+# ------------------------------------------------------------------------- the bundled reasoner, short problems
+
+SHORT = ["--synthetic-family", "reuse", "--synthetic-steps", "8-10", "--synthetic-saves", "3", "--limit", "4"]
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from dynts.cli import load_model
+    from dynts.evals.synthetic_task import bundled_reasoner_path
+
+    return load_model(bundled_reasoner_path(), "cpu")
+
+
+def test_recall_is_measured_at_each_compaction_against_what_the_scorer_chose(bundled) -> None:
+    """The oracle keeps every copy of every saved value it can (recall 1); a scorer ranking exactly those tokens
+    last keeps none of them (recall 0): the recall reads the positions the compactions chose from and kept."""
+    from dynts import resolve_think_end
+    from dynts.evals.datasets import load_samples
+    from dynts.evals.harness import critical_copies_finder, scorer_factory
+    from dynts.evals.synthetic_task import TaskConfig, oracle_scorer
+    from dynts.scorers import ExternalScorer
+
+    model, tokenizer = bundled
+    samples = load_samples("synthetic", limit=4, synthetic=TaskConfig(family="reuse", steps=(8, 10), saves=3))
+    # Budget 120, window 32, keep ratio 0.5: 44 older tokens stay, the ~20-token prompt first, then ~24 scored ones,
+    # fewer than the non-critical candidates and more than the critical ones.
+    setting = Setting("custom", 120, 32, 0.5, "dynts")
+    sampling = Sampling(max_new_tokens=400, batch_size=4)
+
+    def anti_oracle() -> ExternalScorer:
+        oracle = oracle_scorer()
+        return ExternalScorer(lambda hidden, ids: -oracle.score_fn(hidden, ids))
+
+    outcomes = {}
+    for name, new_scorer in (("oracle", scorer_factory(ORACLE, tokenizer, None, True)), ("anti", anti_oracle)):
+        outcomes[name] = generate_batch(model, tokenizer, [s.question for s in samples], True, setting, sampling,
+                                        resolve_think_end(tokenizer), new_scorer, 0, critical_copies_finder("synthetic"))
+    for row in outcomes["oracle"].rows:
+        assert row["token_recalls"] and set(row["token_recalls"]) == {1.0} and set(row["value_recalls"]) == {1.0}
+    for row in outcomes["anti"].rows:
+        assert row["token_recalls"] and set(row["token_recalls"]) == {0.0} and set(row["value_recalls"]) == {0.0}
+
+
+def test_the_compaction_log_checks_its_rebuilt_positions_against_the_cache() -> None:
+    class Cache:
+        class compressor:
+            logical_len = 6
+
+    log = CompactionLog(Cache(), torch.tensor([[0, 1, 1, 1]]))  # one padding column, then 3 prompt tokens
+    log([0], [torch.arange(5)], [torch.tensor([1, 2, 5])])  # held before: columns 1-3 and the generated 4, 5
+    assert log.events == [(0, [1, 2, 3, 4, 5], [1, 2, 5])]
+    Cache.compressor.logical_len = 9
+    with pytest.raises(RuntimeError, match="held 3 positions before a compaction; the log counts 6"):
+        log([0], [torch.arange(3)], [torch.tensor([1])])
+
+
+def test_resident_fraction_runs_every_mode_at_the_same_mean_kv(tmp_path: Path) -> None:
+    """--resident-fraction picks, per budget mode, the budget that holds the wanted share of the thinking length on
+    average; the caches' own lengths confirm it."""
+    out = tmp_path / "eval"
+    code = cli_main(["eval", *SHORT, "--resident-fraction", "0.3", "--budget-mode", "dynts,fixed", "--buffer", "16",
+                     "--window", "32", "--methods", "full,window,oracle", "--batch-size", "4", "--out", str(out),
+                     "--no-progress", "--device", "cpu", "--no-plots"])
+    assert code == 0
+    records = read(out / "results.jsonl")
+    run = next(r for r in records if r["type"] == "run")
+    assert run["task"]["family"] == "reuse" and run["budget_modes"] == ["dynts", "fixed"] and run["buffer"] == 16
+    summaries = [r for r in records if r["type"] == "summary"]
+    full = next(s for s in summaries if s["method"] == FULL)
+    assert full["partial_credit"] >= 0.9  # short problems: the reasoner solves them
+    compressed = [s for s in summaries if s["method"] != FULL]
+    assert {(s["budget_mode"], s["method"]) for s in compressed} == {(m, x) for m in ("dynts", "fixed") for x in ("window", "oracle")}
+    budgets = {s["budget_mode"]: s["budget"] for s in compressed}
+    assert budgets["fixed"] < budgets["dynts"]  # fixed mode holds budget..budget + 16; dynts mode drops to ~half
+    for s in compressed:
+        assert s["resident_fraction"] == 0.3
+        assert s["mean_resident_tokens"] / run["trace_tokens"] == pytest.approx(0.3, rel=0.1), s["label"] if "label" in s else s
+        assert s["compactions"] > 0
+    oracle = [s for s in compressed if s["method"] == ORACLE]
+    assert all(s["critical_value_recall"] == 1.0 for s in oracle)
+    tables = (out / "tables.md").read_text()
+    assert "| 30% | dynts, " in tables and "| 30% | fixed, " in tables and "oracle" in tables
+
+
+def test_a_sweep_split_over_runs_merges_into_the_one_run_results(tmp_path: Path, capsys) -> None:
+    """Each setting runs on its own, so a sweep split by --methods and --budget-mode and merged by
+    ``python -m dynts.evals.plots`` gives the one-run results; mismatched or overlapping parts are refused by name."""
+    from dynts.cli import run_module
+
+    def sweep(name: str, *options: str) -> Path:
+        out = tmp_path / name
+        assert cli_main(["eval", *SHORT, "--resident-fraction", "0.3", "--window", "32", "--batch-size", "4",
+                         "--out", str(out), "--no-progress", "--device", "cpu", "--no-plots", *options]) == 0
+        return out
+
+    def summaries(path: Path) -> dict[tuple, dict]:
+        drop = ("tokens_per_second", "latency_s_per_batch", "ms_per_step", "eviction_seconds", "scoring_seconds")
+        return {(s["method"], s["budget_mode"], s["budget"]): {k: v for k, v in s.items() if k not in drop}
+                for s in read(path) if s["type"] == "summary"}
+
+    whole = sweep("whole", "--methods", "full,window,oracle", "--budget-mode", "dynts,fixed", "--buffer", "16")
+    parts = [sweep("part1", "--methods", "full,oracle", "--budget-mode", "dynts"),
+             sweep("part2", "--methods", "window", "--budget-mode", "dynts"),
+             sweep("part3", "--methods", "window,oracle", "--budget-mode", "fixed", "--buffer", "16")]
+    merged = tmp_path / "merged"
+    assert run_module("dynts.evals.plots", [*map(str, parts), "--out", str(merged)]) == 0
+    assert summaries(merged / "results.jsonl") == summaries(whole / "results.jsonl")
+    run = next(r for r in read(merged / "results.jsonl") if r["type"] == "run")
+    assert set(run["methods"]) == {"full", "window", "oracle"} and run["budget_modes"] == ["dynts", "fixed"]
+    assert run["buffer"] == 16
+    assert (merged / "tables.md").read_text().count("| 30% |") == 4  # both modes, both tables
+    assert (merged / "accuracy_vs_resident_kv.png").is_file()
+    capsys.readouterr()
+    assert run_module("dynts.evals.plots", [str(parts[1]), str(parts[1]), "--out", str(tmp_path / "twice")]) == 2
+    assert "method window, budget mode dynts" in capsys.readouterr().err
+    other = sweep("other", "--methods", "oracle", "--budget-mode", "fixed", "--buffer", "16", "--synthetic-family", "dormant")
+    assert run_module("dynts.evals.plots", [str(parts[1]), str(other), "--out", str(tmp_path / "mixed")]) == 2
+    assert "different runs: task" in capsys.readouterr().err
+
+
+BAD_EVAL_INPUTS = [
+    (["--budget", "100", "--buffer", "16"], ["--buffer", "--budget-mode fixed"]),
+    (["--budget", "100", "--budget-mode", "dynts,nope"], ["--budget-mode", "nope", "fixed"]),
+    (["--resident-fraction", "0.02"], ["--resident-fraction 0.02", "dynts", "out of reach", "smallest budget (65)"]),
+    (["--resident-fraction", "0.3", "--budget-mode", "fixed", "--buffer", "128", "--resident-fraction", "0.05"],
+     ["--resident-fraction 0.05", "fixed", "out of reach"]),
+    (["--budget", "100", "--synthetic-reuse-every", "5"], ["--synthetic-reuse-every", "--synthetic-family", "reuse"]),
+    (["--budget", "100", "--synthetic-family", "reuse", "--synthetic-reuse-every", "3"], ["--synthetic-reuse-every", "3", "2, 5, 10"]),
+    (["--dataset", "math500", "--methods", "full", "--synthetic-family", "reuse"], ["--synthetic-family", "synthetic"]),
+    (["--methods", "dynts", "--budget", "100"], ["--methods", "dynts", "predictor"]),
+    (["--resident-fraction", "0.3", "--keep-ratio", "1.5"], ["--keep-ratio", "1.5"]),
+]
+
+
+@pytest.mark.parametrize("arguments, named", BAD_EVAL_INPUTS, ids=[" ".join(a) for a, _ in BAD_EVAL_INPUTS])
+def test_bad_eval_settings_are_one_line_naming_them_before_any_model(arguments, named, capsys, monkeypatch) -> None:
+    import transformers
+
+    def refuse(self, *args, **kwargs) -> None:
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+    assert cli_main(["eval", *arguments]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dynts eval: error: "), lines
+    for text in named:
+        assert text in lines[0], lines[0]
