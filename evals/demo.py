@@ -85,7 +85,7 @@ def family_scores(results_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--problems", type=positive_int, default=DEMO_PROBLEMS, help="held-out synthetic problems per family")
     parser.add_argument("--budget-fraction", type=unit_fraction, default=DEMO_BUDGET_FRACTION,
-                        help="KV budget as a fraction of the mean thinking length of each family's reference traces")
+                        help="KV budget as a fraction of the mean thinking length of the problems' reference traces (both families)")
     parser.add_argument("--window", type=non_negative_int, default=DEMO_WINDOW, help="recent tokens always kept")
     parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens a compaction keeps, in (0, 1]")
     parser.add_argument("--methods", default=None,
@@ -101,79 +101,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for results.jsonl and the plots")
     parser.add_argument("--device", type=device_name, default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-
-
-def family_samples(problems: int, families: dict[str, dict[str, Any]]) -> list[Sample]:
-    """``problems`` held-out problems of each family, in one list; a sample's id is ``<family>/<index>``. The families
-    run as one batch (one ``generate`` per method: the demo's time is one family's), at one budget."""
-    from .datasets import load_samples
-    from .synthetic_task import TaskConfig
-
-    return [dataclasses.replace(sample, id=f"{name}/{index}")
-            for name, fields in families.items()
-            for index, sample in enumerate(load_samples("synthetic", limit=problems, synthetic=TaskConfig(**fields)))]
-
-
-def family_scores(results_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{family: {method: scores}} from the sample records of a run over ``family_samples``: exact match, per-save
-    accuracy, the recall of the saved values at each compaction (pooled over rows; None where nothing was
-    compacted), mean resident KV per row, and the run's compactions."""
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
-    compactions = {}
-    for record in read_results(results_path):
-        if record.get("type") == "sample":
-            samples[record["id"].rsplit("/", 1)[0]][record["method"]].append(record)
-        elif record.get("type") == "summary":
-            compactions[record["method"]] = record.get("compactions")
-    scores: dict[str, dict[str, dict[str, Any]]] = {}
-    for family, by_method in samples.items():
-        scores[family] = {}
-        for method, rows in by_method.items():
-            recalls = [value for row in rows for value in row.get("value_recalls", [])]
-            scores[family][method] = {
-                "method": method, "pass@1": statistics.mean(row["correct"] for row in rows),
-                "partial_credit": statistics.mean(row["partial_credit"] for row in rows),
-                "critical_value_recall": statistics.mean(recalls) if recalls else None,
-                "mean_resident_tokens": statistics.mean(row["mean_resident_tokens"] for row in rows),
-                "compactions": compactions.get(method),
-            }
-    return scores
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--problems", type=positive_int, default=DEMO_PROBLEMS, help="held-out synthetic problems per family")
-    parser.add_argument("--budget-fraction", type=unit_fraction, default=DEMO_BUDGET_FRACTION,
-                        help="KV budget as a fraction of the mean thinking length of each family's reference traces")
-    parser.add_argument("--window", type=non_negative_int, default=DEMO_WINDOW, help="recent tokens always kept")
-    parser.add_argument("--keep-ratio", type=float, default=0.3, help="share of the older tokens a compaction keeps, in (0, 1]")
-    parser.add_argument("--methods", default=None,
-                        help=f"comma-separated, from {', '.join(m for m in all_methods() if m != FULL)}; the full cache "
-                             "always runs (default: all of them)")
-    parser.add_argument("--predictor", type=Path, default=None,
-                        help="importance predictor head for method predictor (default: the head shipped with the reasoner)")
-    parser.add_argument("--batch-size", type=positive_int, default=None,
-                        help="rows per generate call (default: every problem of both families in one batch)")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
-                        help="generated tokens per answer at most (default: the longest reference solution + 64; "
-                             "a lower cap cuts the traces short, so answers are wrong: for quick checks only)")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"), help="folder for results.jsonl and the plots")
-    parser.add_argument("--device", type=device_name, default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
-
-
-def family_settings(args: argparse.Namespace, methods: list[str], mean_trace: float, family: str) -> list[Setting]:
-    """The full cache, then every compressed method at the family's budget (checked, by option)."""
-    from dynts import CompressionConfig
-
-    budget = round(args.budget_fraction * mean_trace)
-    try:
-        make_settings(CompressionConfig, names={"budget": "the budget"}, budget=budget, window=args.window,
-                      keep_ratio=args.keep_ratio)
-    except UsageError as error:
-        raise UsageError(f"--budget-fraction {args.budget_fraction:g} gives budget {budget} on family {family} "
-                         f"({args.budget_fraction:g} x {mean_trace:.0f} thinking tokens): {error}") from error
-    return [Setting(FULL)] + [Setting(method, budget, args.window, args.keep_ratio, "dynts") for method in methods
-                              if method != FULL]
 
 
 def side_by_side(scores: dict[str, dict[str, dict[str, Any]]]) -> str:
