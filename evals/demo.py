@@ -30,7 +30,8 @@ from ..cli import (
 )
 from .datasets import Sample
 from .harness import (
-    FULL, Sampling, Setting, all_methods, check_scorers, evaluate, method_label, resolve_methods, run_record,
+    FULL, Sampling, Setting, all_methods, check_scorers, evaluate, method_label, resolve_methods, row_scores,
+    run_record,
 )
 from .plots import ordered_methods, read_results
 from .synthetic_task import bundled_reasoner_path
@@ -57,9 +58,9 @@ def family_samples(problems: int, families: dict[str, dict[str, Any]]) -> list[S
 
 
 def family_scores(results_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
-    """{family: {method: scores}} from the sample records of a run over ``family_samples``: exact match, per-save
-    accuracy, the recall of the saved values at each compaction (pooled over rows; None where nothing was
-    compacted), mean resident KV per row, and the run's compactions."""
+    """{family: {method: scores}} from the sample records of a run over ``family_samples``: exact match, the
+    harness's ``row_scores`` (per-save accuracy, resident KV per row, critical recall pooled over compactions), and
+    the run's compactions."""
     samples: dict[str, dict[str, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     compactions = {}
     for record in read_results(results_path):
@@ -71,14 +72,8 @@ def family_scores(results_path: Path) -> dict[str, dict[str, dict[str, Any]]]:
     for family, by_method in samples.items():
         scores[family] = {}
         for method, rows in by_method.items():
-            recalls = [value for row in rows for value in row.get("value_recalls", [])]
-            scores[family][method] = {
-                "method": method, "pass@1": statistics.mean(row["correct"] for row in rows),
-                "partial_credit": statistics.mean(row["partial_credit"] for row in rows),
-                "critical_value_recall": statistics.mean(recalls) if recalls else None,
-                "mean_resident_tokens": statistics.mean(row["mean_resident_tokens"] for row in rows),
-                "compactions": compactions.get(method),
-            }
+            scores[family][method] = {"method": method, "pass@1": statistics.mean(row["correct"] for row in rows),
+                                      **row_scores(rows), "compactions": compactions.get(method)}
     return scores
 
 

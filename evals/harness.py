@@ -397,6 +397,22 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
+def row_scores(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What sample records say beside correctness: mean partial credit, mean and peak resident tokens per row, and
+    the critical-token and critical-value recall pooled over every compaction of every row that had a critical
+    token (or value) to choose from (None where none did)."""
+    scores: dict[str, Any] = {
+        "partial_credit": statistics.mean(r["partial_credit"] for r in rows),
+        "mean_resident_tokens": statistics.mean(r["mean_resident_tokens"] for r in rows),
+        "peak_resident_tokens": max(r["peak_resident_tokens"] for r in rows),
+    }
+    for name, key in (("critical_token_recall", "token_recalls"), ("critical_value_recall", "value_recalls")):
+        values = [value for r in rows for value in r.get(key, [])]
+        scores[name] = statistics.mean(values) if values else None
+    scores["recall_compactions"] = sum(len(r.get("token_recalls", [])) for r in rows)
+    return scores
+
+
 def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[str, Any]], grader: Any,
               samples_per_problem: int) -> dict[str, Any]:
     """Aggregate the sample and batch records of one setting."""
@@ -412,6 +428,7 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
         winner = majority_answer(grader, answers)
         majority_correct.append(winner is not None and grader.is_correct(winner, group[0]["_reference"]))
     seconds = sum(b["seconds"] for b in batches)
+    scores = row_scores(rows)
     summary = {
         "type": "summary",
         **asdict(setting),
@@ -420,9 +437,9 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
         "pass@1": pass_k["1"],
         "pass@k": pass_k,
         f"maj@{n}": statistics.mean(majority_correct),
-        "partial_credit": statistics.mean(r["partial_credit"] for r in rows),
-        "mean_resident_tokens": statistics.mean(r["mean_resident_tokens"] for r in rows),
-        "peak_resident_tokens": max(r["peak_resident_tokens"] for r in rows),
+        "partial_credit": scores["partial_credit"],
+        "mean_resident_tokens": scores["mean_resident_tokens"],
+        "peak_resident_tokens": scores["peak_resident_tokens"],
         "tokens_per_second": sum(b["new_tokens"] for b in batches) / seconds,
         "latency_s_per_batch": seconds / len(batches),
         "ms_per_step": statistics.mean(b["ms_per_step"] for b in batches),
@@ -435,11 +452,8 @@ def summarize(setting: Setting, rows: list[dict[str, Any]], batches: list[dict[s
         summary["compactions"] = sum(b.get("compactions", 0) for b in batches)
         summary["eviction_seconds"] = sum(b.get("eviction_seconds", 0.0) for b in batches)
         summary["scoring_seconds"] = sum(b.get("scoring_seconds", 0.0) for b in batches)
-        # Pooled over every compaction of every row that had a critical token (or value) to choose from.
-        for name, key in (("critical_token_recall", "token_recalls"), ("critical_value_recall", "value_recalls")):
-            values = [value for r in rows for value in r.get(key, [])]
-            summary[name] = statistics.mean(values) if values else None
-        summary["recall_compactions"] = sum(len(r.get("token_recalls", [])) for r in rows)
+        for name in ("critical_token_recall", "critical_value_recall", "recall_compactions"):
+            summary[name] = scores[name]
     return summary
 
 

@@ -344,14 +344,18 @@ def plot_results(results_path: str | Path, out_dir: str | Path) -> list[Path]:
 _LISTED_RUN_FIELDS = ("methods", "budget_modes")
 
 
+def results_file(path: Path) -> Path:
+    """A results.jsonl given as itself or as the --out folder holding it."""
+    return path / "results.jsonl" if path.is_dir() else path
+
+
 def merge_results(paths: list[Path]) -> list[dict[str, Any]]:
     """The records of several results files of one sweep: one merged run record, then every other record. A
     UsageError (naming the files) when their runs differ or a (method, budget mode, budget) appears twice."""
     from ..cli import UsageError
 
     runs, others, seen = [], [], {}
-    for path in paths:
-        path = path / "results.jsonl" if path.is_dir() else path
+    for path in map(results_file, paths):
         try:
             records = read_results(path)
         except (OSError, json.JSONDecodeError) as error:
@@ -396,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:
         raise UsageError(f"--out {args.out}: {error}") from error
     results_path = args.out / "results.jsonl"
-    sources = [path / "results.jsonl" if path.is_dir() else path for path in args.results]
+    sources = [results_file(path) for path in args.results]
     if len(sources) > 1 or sources[0].resolve() != results_path.resolve():
         results_path.write_text("".join(json.dumps(record) + "\n" for record in records))
     print(f"results: {results_path}\ntables: {write_tables(results_path, args.out / 'tables.md')}")
