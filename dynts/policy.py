@@ -94,12 +94,10 @@ def protected_count(spans: Sequence[Span], end: int) -> int:
 # ---------------------------------------------------------------------------------------------- protection
 def spans_tensor(spans: Sequence[Sequence[Span]], device: torch.device | str) -> torch.Tensor:
     """[rows, max_spans, 2] int64 (start, end) per row, padded with empty spans."""
-    width = max((len(row) for row in spans), default=0)
-    table = torch.zeros(len(spans), max(width, 1), 2, dtype=torch.long)
-    for row, row_spans in enumerate(spans):
-        for index, (start, stop) in enumerate(row_spans):
-            table[row, index, 0], table[row, index, 1] = start, min(stop, OPEN_END)
-    return table.to(device)
+    width = max(1, max((len(row) for row in spans), default=0))
+    # Built as a list: one tensor made from it, not one tiny tensor write per span (this runs at every compaction).
+    table = [[[start, min(stop, OPEN_END)] for start, stop in row] + [[0, 0]] * (width - len(row)) for row in spans]
+    return torch.tensor(table, dtype=torch.long).view(len(spans), width, 2).to(device)
 
 
 def protected_slots(positions: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

@@ -135,9 +135,8 @@ class SlotTable:
         same move the integration applies to the K/V. Freed slots are marked -1 (their state is reset on reuse)."""
         rows = rows.to(self.device)
         keep_count = keep_count.to(self.device)
-        kernels.compact_(self.positions.unsqueeze(-1), rows, keep_index, keep_count)
-        for state in self._states.values():
-            kernels.compact_(state.tensor.unsqueeze(-1), rows, keep_index, keep_count)
+        tensors = [self.positions, *(state.tensor for state in self._states.values())]
+        kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows, keep_index, keep_count)
         self.physical_len[rows] = keep_count
         for row, count in zip(rows.tolist(), keep_count.tolist()):
             self.physical_len_host[row] = count

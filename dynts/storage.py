@@ -83,5 +83,4 @@ class KVStorage:
         for K and V)."""
         rows = rows.to(self.device)
         keep_count = keep_count.to(self.device)
-        for cache in (self.keys, self.values):
-            kernels.compact_(cache, rows, keep_index, keep_count)
+        kernels.compact_((self.keys, self.values), rows, keep_index, keep_count)

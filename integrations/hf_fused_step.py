@@ -3,25 +3,21 @@
 Why: at batch 20 on an 8B model, running HF's modules costs ~1,500 kernels per step, ~1,000 of them tiny
 elementwise ones (issue 17). This step computes what the modules compute with a dozen launches per layer:
 
-    RMSNorm after the residual add -> one GEMM for q, k and v (their weights concatenated; biases for Qwen2)
+    RMSNorm after the residual add -> q, k and v projections in one launch (biases for Qwen2)
     -> (Qwen3: RMSNorm of q and k per head) -> RoPE of q and k + write of k and v at each row's physical end
-    -> ragged decode attention -> o_proj -> RMSNorm after the residual add -> gate and up GEMMs -> SiLU-and-mul
-    -> down_proj; after the last layer the final RMSNorm.
+    -> ragged decode attention -> o_proj -> RMSNorm after the residual add -> gate and up projections and
+    SiLU-and-mul in one launch -> down_proj; after the last layer the final RMSNorm.
 
 The fused ops (``dynts.kernels``: Triton on CUDA, the torch references elsewhere) round where transformers rounds,
-so the step computes the modules' arithmetic; only the QKV GEMM differs from three GEMMs in how the library may
-block it. Weights are read from the model's own modules at each step, except the concatenated QKV weight, which
-``FusedDecodeStep`` copies once when it is built (``StaticDecoder`` builds one per ``generate`` call, so a change to
-the model's weights between calls is seen): 1.61 GB for Llama-8B, 0.92 GB for Qwen-7B, for one GEMM instead of
-three, two of them small (k and v) and so far from the bandwidth a large one reaches. The gate and up projections
-stay two GEMMs whose outputs SiLU-and-mul reads directly: both are large enough to run at full bandwidth, so
-concatenating them would copy most of the MLP weights (7.5 GB for Llama-8B) for one launch less per layer.
+so the step computes the modules' arithmetic; the projections (``kernels.concat_linear``,
+``kernels.silu_gated_linear``: skinny kernels for a decode step's few rows) differ from cuBLAS only in the order of
+their fp32 sums. Every weight is read in place from the model's own modules at each step (no copy: the q, k and v
+weights are three pointers of one launch), so a change to the model's weights is seen at the next step.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
@@ -72,6 +68,10 @@ def fused_step_unsupported(model: nn.Module, full_attention_layers: int) -> str 
     return None
 
 
+def _linear(x: torch.Tensor, projection: nn.Linear) -> torch.Tensor:
+    return kernels.concat_linear(x, [projection.weight], None if projection.bias is None else [projection.bias])
+
+
 class _Layer:
     """One decoder layer's weights as the fused step reads them."""
 
@@ -85,14 +85,20 @@ class _Layer:
             attention.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)
         self.scale = attention.scaling
         self.head_dim = attention.head_dim
-        projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-        self.qkv_sizes = [projection.out_features for projection in projections]
-        with torch.no_grad():
-            self.qkv_weight = torch.cat([projection.weight for projection in projections])
-            biases = [projection.bias for projection in projections]
-            self.qkv_bias = None if all(bias is None for bias in biases) else torch.cat([
-                projection.weight.new_zeros(projection.out_features) if bias is None else bias
-                for projection, bias in zip(projections, biases)])
+        self.qkv = (attention.q_proj, attention.k_proj, attention.v_proj)
+        self.qkv_sizes = [projection.out_features for projection in self.qkv]
+        # Zeros stand in for a missing bias when another of q, k, v has one (the kernel takes all or none).
+        some_bias = any(projection.bias is not None for projection in self.qkv)
+        self.qkv_zero_biases = [projection.weight.new_zeros(projection.out_features)
+                                if some_bias and projection.bias is None else None for projection in self.qkv]
+
+    def qkv_arguments(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The q, k and v weights and biases as the projection kernel takes them (read from the modules now)."""
+        weights = [projection.weight for projection in self.qkv]
+        biases = [projection.bias for projection in self.qkv]
+        if all(bias is None for bias in biases):
+            return weights, None
+        return weights, [zero if bias is None else bias for bias, zero in zip(biases, self.qkv_zero_biases)]
 
 
 class FusedDecodeStep:
@@ -127,7 +133,7 @@ class FusedDecodeStep:
         for layer in self.layers:
             normed, residual = kernels.rms_norm(hidden, layer.input_norm.weight, eps=layer.input_norm.variance_epsilon,
                                                 residual=residual)
-            queries, keys, values = F.linear(normed, layer.qkv_weight, layer.qkv_bias).split(layer.qkv_sizes, dim=-1)
+            queries, keys, values = kernels.concat_linear(normed, *layer.qkv_arguments()).split(layer.qkv_sizes, dim=-1)
             queries = queries.view(rows, -1, layer.head_dim)
             keys = keys.view(rows, -1, layer.head_dim)
             values = values.view(rows, keys.shape[1], -1)
@@ -138,12 +144,12 @@ class FusedDecodeStep:
             queries = kernels.rotary_and_store(queries, keys, values, cos, sin, key_cache, value_cache, storage, slots)
             attended = kernels.decode_attention(queries, key_cache[storage], value_cache[storage], lengths,
                                                 scale=layer.scale)
-            hidden = F.linear(attended.view(rows, -1), layer.o_proj.weight, layer.o_proj.bias)
+            hidden = _linear(attended.view(rows, -1), layer.o_proj)
             normed, residual = kernels.rms_norm(hidden, layer.post_norm.weight, eps=layer.post_norm.variance_epsilon,
                                                 residual=residual)
-            gate = F.linear(normed, layer.gate_proj.weight, layer.gate_proj.bias)
-            up = F.linear(normed, layer.up_proj.weight, layer.up_proj.bias)
-            hidden = F.linear(kernels.silu_and_mul(gate, up), layer.down_proj.weight, layer.down_proj.bias)
+            activated = kernels.silu_gated_linear(normed, layer.gate_proj.weight, layer.up_proj.weight,
+                                                  layer.gate_proj.bias, layer.up_proj.bias)
+            hidden = _linear(activated, layer.down_proj)
         final = self.decoder.norm
         normed, _ = kernels.rms_norm(hidden, final.weight, eps=final.variance_epsilon, residual=residual)
         return normed.view(rows, 1, -1)

@@ -162,7 +162,6 @@ class StaticDecoder:
             return moved
 
         try:
-            # Built per call (the QKV concatenation is a copy), so weights changed between calls are seen.
             self._fused_step = FusedDecodeStep(self.model, self.cache.storage_layer_of) if self.fused else None
             # The host never waits for a step: it queues them and synchronises only when the session needs it
             # (a compaction is due, or the token log is full).

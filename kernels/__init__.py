@@ -2,7 +2,7 @@
 
 Each op has a torch reference (``reference.py``, the specification, also the CPU path). CUDA tensors take the
 Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``, ``decode_attention_kernel.py``,
-``fused_decode.py``) when Triton is installed: the one dispatch rule and its switch (``DYNTS_KERNELS``,
+``fused_decode.py``, ``skinny_linear.py``) when Triton is installed: the one dispatch rule and its switch (``DYNTS_KERNELS``,
 ``set_kernel_mode``) are in ``dispatch.py`` and serve ``linear_attention/`` too. Triton is imported only when a kernel
 first runs, so CPU installs without it import this package fine.
 ``custom_ops.py`` registers ``torch.ops.dynts.decode_attention``, the form of ``decode_attention`` that
@@ -17,35 +17,48 @@ import torch
 
 from . import custom_ops  # noqa: F401  (registers torch.ops.dynts.decode_attention for torch.compile)
 from .dispatch import KERNEL_MODES, kernel_mode, kernels_in_mode, set_kernel_mode, use_triton
-from .decode_step_checks import check_rms_norm_args, check_rotary_and_store_args, check_silu_and_mul_args
+from .decode_step_checks import (
+    check_concat_linear_args, check_rms_norm_args, check_rotary_and_store_args, check_silu_and_mul_args,
+    check_silu_gated_linear_args,
+)
 from .reference import (
-    REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, decode_attention_reference,
-    rms_norm_reference, rotary_and_store_reference, silu_and_mul_reference,
+    REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, concat_linear_reference,
+    decode_attention_reference, rms_norm_reference, rotary_and_store_reference, silu_and_mul_reference,
+    silu_gated_linear_reference,
 )
 from .validation import check_compaction_args, check_paged_compaction_args
 
 __all__ = [
-    "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "decode_attention", "kernel_mode",
-    "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_and_mul", "use_triton",
+    "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "concat_linear", "decode_attention",
+    "kernel_mode", "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_and_mul",
+    "silu_gated_linear", "use_triton",
 ]
 
 # Longest query window one score-kernel call handles; longer windows (a prefill) are split into causal chunks.
 MAX_QUERY_CHUNK = 64
+# Most activation rows the skinny projection kernels take; more rows are a real GEMM, which cuBLAS runs well.
+SKINNY_MAX_ROWS = 64
 
 
-def compact_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
+def compact_(
+    cache: torch.Tensor | Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+) -> None:
     """In place: move each selected row's kept slots to the front. See ``reference.compact_reference_``.
 
-    All layers in one launch on the Triton path, any dtype (the int64 positions tensor too, as [.., slots, 1]).
-    Arguments are validated first (one device sync); bad ones raise ValueError.
+    ``cache``: one tensor, or several compacted alike (K and V; a slot table's positions and states), sharing their
+    batch, slots and device. All layers in one launch per tensor on the Triton path, any dtype (the int64 positions
+    tensor too, as [.., slots, 1]). Arguments are validated first (one device sync for all the tensors); bad ones
+    raise ValueError.
     """
-    rows, keep_index, keep_count = check_compaction_args(cache, rows, keep_index, keep_count)
-    if not use_triton(cache):
-        compact_reference_(cache, rows, keep_index, keep_count)
-    else:
-        from .compaction import compact_dense_
+    caches = [cache] if isinstance(cache, torch.Tensor) else list(cache)
+    rows, keep_index, keep_count = check_compaction_args(caches, rows, keep_index, keep_count)
+    for tensor in caches:
+        if not use_triton(tensor):
+            compact_reference_(tensor, rows, keep_index, keep_count)
+        else:
+            from .compaction import compact_dense_
 
-        compact_dense_(cache, rows, keep_index, keep_count)
+            compact_dense_(tensor, rows, keep_index, keep_count)
 
 
 def compact_paged_(
@@ -174,3 +187,35 @@ def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     from .fused_decode import silu_and_mul as silu_and_mul_triton
 
     return silu_and_mul_triton(gate, up)
+
+
+def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
+    """Whether a projection of ``x`` takes the skinny Triton kernel: few rows, weights stored row by row."""
+    return use_triton(x) and x.shape[0] <= SKINNY_MAX_ROWS and all(weight.is_contiguous() for weight in weights)
+
+
+def concat_linear(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``x`` ([rows, in]) projected by one to three weights ([out_i, in], read in place) plus their biases (all or
+    none), side by side. See ``reference.concat_linear_reference``. No host synchronisation."""
+    check_concat_linear_args(x, weights, biases)
+    if not _skinny(x, weights):
+        return concat_linear_reference(x, weights, biases)
+    from .skinny_linear import concat_linear as concat_linear_triton
+
+    return concat_linear_triton(x, list(weights), None if biases is None else list(biases))
+
+
+def silu_gated_linear(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``silu(x @ gate_weight^T + gate_bias) * (x @ up_weight^T + up_bias)`` in one pass over both weights. See
+    ``reference.silu_gated_linear_reference``. No host synchronisation."""
+    check_silu_gated_linear_args(x, gate_weight, up_weight, gate_bias, up_bias)
+    if not _skinny(x, (gate_weight, up_weight)):
+        return silu_gated_linear_reference(x, gate_weight, up_weight, gate_bias, up_bias)
+    from .skinny_linear import silu_gated_linear as silu_gated_linear_triton
+
+    return silu_gated_linear_triton(x, gate_weight, up_weight, gate_bias, up_bias)

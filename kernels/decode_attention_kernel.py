@@ -4,8 +4,11 @@ Each row reads only its first ``lengths[row]`` slots (its physical length), so a
 attend to, and the grid depends only on the capacity, so the launch can be captured in a CUDA graph while the
 lengths change on the device. GQA is native: one program serves all query heads of a KV head (no repeated K/V).
 
-Split-K: program (split, kv_head, row) runs an online softmax over its ``SPLIT`` slots and writes a partial
-output and log-sum-exp; a second kernel merges the splits. Reference: ``reference.decode_attention_reference``.
+Split-K: program (split, kv_head, row) runs an online softmax over its share of the row's slots and writes a
+partial output and log-sum-exp; a second kernel merges the splits. The number of splits is fixed per launch (enough
+programs to fill the GPU: ``decode_splits``) and each row's length is divided among them on the device, so every
+program has work in proportion to the row's length; a grid sized by the capacity instead would launch thousands of
+empty programs for a long full-cache buffer holding few tokens. Reference: ``reference.decode_attention_reference``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,20 @@ import triton.language as tl
 
 # The Triton interpreter multiplies bfloat16 dot operands as their raw bits: upcast the dots there.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
-SPLIT = 512  # slots per program
 BLOCK_SLOTS = 64
+# Programs per streaming multiprocessor a launch aims for: enough loads in flight to saturate memory bandwidth.
+PROGRAMS_PER_SM = 8
+# Multiprocessors assumed off CUDA (the Triton interpreter in tests): a few splits, so the merge is exercised.
+INTERPRETER_SMS = 4
+
+
+def decode_splits(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
+    """Splits per (row, KV head): ``PROGRAMS_PER_SM`` programs per multiprocessor of ``device`` in all, at most one
+    per block of slots."""
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
+           else INTERPRETER_SMS)
+    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(rows * kv_heads, 1))
+    return max(1, min(wanted, triton.cdiv(slots, BLOCK_SLOTS)))
 
 
 @triton.jit
@@ -32,14 +47,16 @@ def _decode_partial_kernel(
     stride_out_batch, stride_out_head, stride_out_split,
     stride_lse_batch, stride_lse_head, stride_lse_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
-    VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, SPLIT_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr,
+    VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_FLOAT32: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     row = tl.program_id(2).to(tl.int64)
     length = tl.load(lengths_ptr + row)
-    start = split * SPLIT_SLOTS
+    # This row's share per split, whole blocks: the splits divide the row's length, not the capacity.
+    split_slots = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_slots
     group = tl.arange(0, GROUP_PAD)
     group_mask = group < GROUP
     feature = tl.arange(0, BLOCK_DIM)
@@ -54,7 +71,7 @@ def _decode_partial_kernel(
     acc = tl.zeros([GROUP_PAD, BLOCK_VALUE_DIM], tl.float32)
     k_base = k_ptr + row * stride_k_batch + kv_head * stride_k_head
     v_base = v_ptr + row * stride_v_batch + kv_head * stride_v_head
-    end = tl.minimum(start + SPLIT_SLOTS, length)
+    end = tl.minimum(start + split_slots, length)
     for block_start in range(start, end, BLOCK_N):
         slot = block_start + tl.arange(0, BLOCK_N)
         slot_mask = slot < end
@@ -112,9 +129,11 @@ def _decode_merge_kernel(
 
 
 def decode_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Triton path of ``decode_attention_reference`` (same arguments and result)."""
+    """Triton path of ``decode_attention_reference`` (same arguments and result). ``num_splits``: splits per (row,
+    KV head), ``decode_splits`` when None."""
     batch, q_heads, dim = queries.shape
     _, kv_heads, slots, key_dim = keys.shape
     value_dim = values.shape[-1]
@@ -123,7 +142,10 @@ def decode_attention(
     if keys.stride(-1) != 1 or values.stride(-1) != 1 or queries.stride(-1) != 1:
         raise ValueError("decode_attention needs unit stride along the head dim")
     group = q_heads // kv_heads
-    num_splits = triton.cdiv(slots, SPLIT)
+    if num_splits is None:
+        num_splits = decode_splits(batch, kv_heads, slots, queries.device)
+    elif num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     partial = torch.empty(batch, q_heads, num_splits, value_dim, dtype=torch.float32, device=queries.device)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=queries.device)
     _decode_partial_kernel[(num_splits, kv_heads, batch)](
@@ -135,7 +157,7 @@ def decode_attention(
         lse.stride(0), lse.stride(1), lse.stride(2),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_DIM=triton.next_power_of_2(dim), VALUE_DIM=value_dim, BLOCK_VALUE_DIM=triton.next_power_of_2(value_dim),
-        SPLIT_SLOTS=SPLIT, BLOCK_N=BLOCK_SLOTS,
+        NUM_SPLITS=num_splits, BLOCK_N=BLOCK_SLOTS,
         DOT_FLOAT32=queries.dtype == torch.float32 or (_INTERPRETING and queries.dtype == torch.bfloat16),
     )
     out = torch.empty(batch, q_heads, value_dim, dtype=queries.dtype, device=queries.device)

@@ -1,4 +1,4 @@
-"""Argument checks of the decode-step ops (RMSNorm, rotary embedding + K/V write, SiLU-and-mul).
+"""Argument checks of the decode-step ops (RMSNorm, rotary embedding + K/V write, SiLU-and-mul, the projections).
 
 They read shapes, dtypes and devices only, never values (no device synchronisation: the ops run inside captured
 CUDA graphs), and raise ValueError naming the argument and what it must be. No Triton import: the dispatchers in
@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_float(name: str, tensor: torch.Tensor) -> None:
+def _check_float(name: str, tensor: torch.Tensor, unit_stride: bool = True) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tensor.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, bfloat16 or float16, got {tensor.dtype}")
-    if tensor.dim() >= 1 and tensor.shape[-1] > 0 and tensor.stride(-1) != 1:
+    if unit_stride and tensor.dim() >= 1 and tensor.shape[-1] > 0 and tensor.stride(-1) != 1:
         raise ValueError(f"{name} must have unit stride along its last dim (got strides {tensor.stride()})")
 
 
@@ -98,3 +99,58 @@ def check_silu_and_mul_args(gate: torch.Tensor, up: torch.Tensor) -> None:
     _check_same(("gate", "up"), (gate, up), shape=True)
     if gate.dim() < 1:
         raise ValueError(f"gate must be [..., size], got shape {tuple(gate.shape)}")
+
+
+def _check_linear_bias(name: str, bias: torch.Tensor, size: int, x: torch.Tensor) -> None:
+    _check_float(name, bias)
+    _check_same(("x", name), (x, bias), shape=False)
+    if bias.shape != (size,):
+        raise ValueError(f"{name} must be [{size}] (its weight's output size), got {tuple(bias.shape)}")
+
+
+def _check_linear_weight(name: str, weight: torch.Tensor, x: torch.Tensor) -> None:
+    _check_float(name, weight, unit_stride=False)  # any layout: one not stored row by row takes the reference
+    _check_same(("x", name), (x, weight), shape=False)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(f"{name} must be [out_features, {x.shape[1]}] (x's last dim), got {tuple(weight.shape)}")
+
+
+def check_concat_linear_args(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None
+) -> None:
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, in_features], got shape {tuple(x.shape)}")
+    if not isinstance(weights, (list, tuple)) or not 1 <= len(weights) <= 3:
+        raise ValueError(f"weights must be a list of 1 to 3 weight tensors, got {type(weights).__name__} "
+                         f"of length {len(weights) if isinstance(weights, (list, tuple)) else '-'}")
+    for index, weight in enumerate(weights):
+        _check_linear_weight(f"weights[{index}]", weight, x)
+    if biases is None:
+        return
+    if not isinstance(biases, (list, tuple)) or len(biases) != len(weights):
+        raise ValueError(f"biases must be None or a list with one bias per weight ({len(weights)}), got "
+                         f"{type(biases).__name__} of length {len(biases) if isinstance(biases, (list, tuple)) else '-'}")
+    for index, (weight, bias) in enumerate(zip(weights, biases)):
+        if bias is None:
+            raise ValueError(f"biases[{index}] is None: give every weight a bias (zeros for none) or pass biases=None")
+        _check_linear_bias(f"biases[{index}]", bias, weight.shape[0], x)
+
+
+def check_silu_gated_linear_args(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None, up_bias: torch.Tensor | None,
+) -> None:
+    _check_float("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [rows, in_features], got shape {tuple(x.shape)}")
+    _check_linear_weight("gate_weight", gate_weight, x)
+    _check_linear_weight("up_weight", up_weight, x)
+    if up_weight.shape != gate_weight.shape:
+        raise ValueError(f"up_weight must have gate_weight's shape {tuple(gate_weight.shape)}, got "
+                         f"{tuple(up_weight.shape)}")
+    if (gate_bias is None) != (up_bias is None):
+        raise ValueError("gate_bias and up_bias must both be given or both be None")
+    if gate_bias is not None:
+        _check_linear_bias("gate_bias", gate_bias, gate_weight.shape[0], x)
+        _check_linear_bias("up_bias", up_bias, gate_weight.shape[0], x)

@@ -237,3 +237,22 @@ def silu_and_mul_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor
     """The gated MLP's activation of Llama / Qwen2: ``silu(gate) * up`` (gate, up [..., size], one dtype), with
     SiLU rounded to the dtype before the product, as transformers computes ``act_fn(gate_proj(x)) * up_proj(x)``."""
     return torch.nn.functional.silu(gate) * up
+
+
+def concat_linear_reference(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor] | None = None
+) -> torch.Tensor:
+    """``x`` ([M, K]) projected by each weight ([N_i, K]) plus its bias, side by side: [M, sum N_i], each output
+    rounded once, as one ``F.linear`` over the concatenated weights (a Llama layer's q, k and v projections)."""
+    return torch.cat([torch.nn.functional.linear(x, weight, None if biases is None else bias)
+                      for weight, bias in zip(weights, biases if biases is not None else weights)], dim=-1)
+
+
+def silu_gated_linear_reference(
+    x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
+    gate_bias: torch.Tensor | None = None, up_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The gated MLP before its down projection: ``silu(x @ Wg^T + bg) * (x @ Wu^T + bu)``, rounded as
+    transformers rounds it (each projection, then SiLU, then the product)."""
+    linear = torch.nn.functional.linear
+    return silu_and_mul_reference(linear(x, gate_weight, gate_bias), linear(x, up_weight, up_bias))

@@ -40,26 +40,39 @@ def _raise_on_failed(flags: dict[str, torch.Tensor], messages: dict[str, str]) -
             raise ValueError(messages[name])
 
 
-def check_compaction_args(
-    cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Validate the arguments of ``compact_`` (dense layout); returns rows, keep_index, keep_count as int64 on the
-    cache's device."""
+def _check_dense_shape(name: str, cache: torch.Tensor, keep_index: torch.Tensor, row_count: int) -> None:
     if cache.dim() != 5:
-        raise ValueError(f"cache must be [layers, batch, heads, slots, dim], got shape {tuple(cache.shape)}")
-    layers, batch, heads, slots, _ = cache.shape
-    _check_integer("rows", rows, 1)
-    _check_integer("keep_index", keep_index, 4)
-    _check_integer("keep_count", keep_count, 1)
-    row_count = rows.numel()
+        raise ValueError(f"{name} must be [layers, batch, heads, slots, dim], got shape {tuple(cache.shape)}")
+    layers, _, heads, slots, _ = cache.shape
     layers_g, index_rows, heads_g, width = keep_index.shape
     if layers_g not in (1, layers) or index_rows != row_count or heads_g not in (1, heads):
         raise ValueError(
             f"keep_index must be [layers_g, R, heads_g, K] with layers_g in {{1, {layers}}}, R = len(rows) = {row_count}, "
-            f"heads_g in {{1, {heads}}}; got {tuple(keep_index.shape)}"
+            f"heads_g in {{1, {heads}}} ({name}); got {tuple(keep_index.shape)}"
         )
     if width > slots:
         raise ValueError(f"keep_index width K must be in [0, slots={slots}], got {width}")
+
+
+def check_compaction_args(
+    caches: Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the arguments of ``compact_`` (dense layout; several tensors compacted alike share their batch,
+    slots and device); returns rows, keep_index, keep_count as int64 on the caches' device."""
+    if len(caches) == 0:
+        raise ValueError("compact_ needs at least one cache tensor")
+    _check_integer("rows", rows, 1)
+    _check_integer("keep_index", keep_index, 4)
+    _check_integer("keep_count", keep_count, 1)
+    row_count = rows.numel()
+    cache = caches[0]
+    for index, tensor in enumerate(caches):
+        _check_dense_shape("cache" if len(caches) == 1 else f"caches[{index}]", tensor, keep_index, row_count)
+        if (tensor.shape[1], tensor.shape[3], tensor.device) != (cache.shape[1], cache.shape[3], cache.device):
+            raise ValueError(f"caches[{index}] must share caches[0]'s batch, slots and device: got shape "
+                             f"{tuple(tensor.shape)} on {tensor.device}, caches[0] {tuple(cache.shape)} on {cache.device}")
+    _, batch, _, slots, _ = cache.shape
+    width = keep_index.shape[-1]
     if keep_count.numel() != row_count:
         raise ValueError(f"keep_count must have one entry per row (R = {row_count}), got {keep_count.numel()}")
     device = cache.device

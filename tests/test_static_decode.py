@@ -153,7 +153,8 @@ def test_fused_step_is_chosen_where_supported_and_refused_elsewhere() -> None:
 def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, arch: str) -> None:
     """One fused step with the Triton kernels (interpreted on CPU tensors, compiled on CUDA) against the same step on
     the torch references (the path the tests above check against HF's modules): the layouts the step hands the
-    kernels (views of the QKV projection, per-head norms, strided storage) are the ones they compute right."""
+    kernels (q, k and v weights read in place, views of their projection, per-head norms, strided storage) are the ones
+    they compute right."""
     model, _, _ = _models(device, torch.float32, arch)
     step = FusedDecodeStep(model, {0: 0, 1: 1})
     generator = torch.Generator().manual_seed(0)

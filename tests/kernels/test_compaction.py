@@ -22,7 +22,7 @@ def run_dense(cache, rows, keep_index, keep_count, **options):
     in both)."""
     expected = cache.clone()
     compact_reference_(expected, rows, keep_index, keep_count)
-    rows, keep_index, keep_count = check_compaction_args(cache, rows, keep_index, keep_count)
+    rows, keep_index, keep_count = check_compaction_args([cache], rows, keep_index, keep_count)
     compact_dense_(cache, rows, keep_index, keep_count, **options)
     assert torch.equal(cache, expected)
 
@@ -148,3 +148,28 @@ def test_paged_per_layer_lists_and_head_dim_128(device):
     compact_paged_reference_(expected, table, keep, keep_count)
     compact_paged_(caches, *check_paged_compaction_args(caches, table, keep, keep_count))
     assert all(torch.equal(got, want) for got, want in zip(caches, expected))
+
+
+def test_several_tensors_compacted_alike_in_one_call(device):
+    """K, V and a slot table's int64 positions and bool state in one ``compact_`` call (validated once): each equals
+    its own reference compaction; tensors that do not share batch or slots are refused by name."""
+    from dynts import kernels
+
+    generator = torch.Generator().manual_seed(11)
+    batch, slots = 3, pick(device, 40, 3001)
+    counts = pick(device, [25, 3], [1700, 12])
+    tensors = [random_cache((2, batch, 4, slots, 16), torch.bfloat16, device, generator),
+               random_cache((2, batch, 4, slots, 8), torch.float32, device, generator),
+               random_cache((1, batch, 1, slots, 1), torch.int64, device, generator),
+               (random_cache((1, batch, 1, slots, 1), torch.float32, device, generator) > 0)]
+    keep = random_keep(1, counts, slots, generator).view(1, 2, 1, -1).to(device)
+    rows, keep_count = torch.tensor([2, 0]), torch.tensor(counts, device=device)
+    expected = [tensor.clone() for tensor in tensors]
+    for tensor in expected:
+        compact_reference_(tensor, rows.to(device), keep, keep_count)
+    kernels.compact_(tensors, rows, keep, keep_count)
+    for got, want in zip(tensors, expected):
+        assert torch.equal(got, want)
+    shorter = random_cache((1, batch, 1, slots - 1, 1), torch.int64, device, generator)
+    with pytest.raises(ValueError, match=r"caches\[1\] must share caches\[0\]'s batch, slots and device"):
+        kernels.compact_([tensors[0], shorter], rows, keep, keep_count)

@@ -9,7 +9,7 @@ pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts
 
 from kernel_cases import pick  # noqa: E402
 
-from dynts.kernels.decode_attention_kernel import SPLIT, decode_attention  # noqa: E402
+from dynts.kernels.decode_attention_kernel import BLOCK_SLOTS, decode_attention  # noqa: E402
 from dynts.kernels.reference import decode_attention_reference  # noqa: E402
 
 
@@ -21,18 +21,21 @@ from dynts.kernels.reference import decode_attention_reference  # noqa: E402
 def test_decode_attention_matches_reference(device: str, group: int, dim: int, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(group * 1000 + dim)
     batch, kv_heads = 3, pick(device, 2, 8)
-    capacity = pick(device, SPLIT + 77, 5 * SPLIT + 13)  # not a multiple of the split or the block
+    capacity = pick(device, 9 * BLOCK_SLOTS + 13, 40 * BLOCK_SLOTS + 13)  # not a multiple of the block
     # A strided view into a larger storage, as the cache passes it: [rows, heads, capacity + headroom, dim][..., :capacity].
     storage_k = torch.randn(batch, kv_heads, capacity + 9, dim, generator=generator).to(device=device, dtype=dtype)
     storage_v = torch.randn(batch, kv_heads, capacity + 9, dim, generator=generator).to(device=device, dtype=dtype)
     keys, values = storage_k[:, :, :capacity], storage_v[:, :, :capacity]
     queries = torch.randn(batch, kv_heads * group, dim, generator=generator).to(device=device, dtype=dtype)
-    lengths = torch.tensor([capacity, 1, SPLIT + 1], device=device)  # full, a single slot, one slot past a split
-    got = decode_attention(queries, keys, values, lengths, scale=dim**-0.5)
+    lengths = torch.tensor([capacity, 1, BLOCK_SLOTS + 1], device=device)  # full, a single slot, one past a block
     want = decode_attention_reference(queries, keys, values, lengths, scale=dim**-0.5)
-    assert got.shape == (batch, kv_heads * group, dim) and got.dtype == dtype
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
-    torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    # The default split count, one split, and more splits than a short row has blocks (empty splits merge away).
+    for num_splits in (None, 1, 7):
+        got = decode_attention(queries, keys, values, lengths, scale=dim**-0.5, num_splits=num_splits)
+        assert got.shape == (batch, kv_heads * group, dim) and got.dtype == dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    got = decode_attention(queries, keys, values, lengths, scale=dim**-0.5)
     # Slots past a row's length are never read: poisoning them changes nothing.
     storage_k[1, :, 1:] = float("nan")
     storage_v[1, :, 1:] = float("nan")
@@ -45,3 +48,10 @@ def test_decode_attention_rejects_mismatched_heads(device: str) -> None:
     keys = torch.randn(2, 4, 10, 64, device=device)
     with pytest.raises(ValueError, match="do not match keys"):
         decode_attention(queries, keys, keys, torch.tensor([3, 4], device=device), scale=0.125)
+
+
+def test_decode_attention_rejects_zero_splits(device: str) -> None:
+    queries = torch.randn(2, 4, 64, device=device)
+    keys = torch.randn(2, 4, 10, 64, device=device)
+    with pytest.raises(ValueError, match="num_splits must be >= 1, got 0"):
+        decode_attention(queries, keys, keys, torch.tensor([3, 4], device=device), scale=0.125, num_splits=0)
