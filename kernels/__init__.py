@@ -1,4 +1,5 @@
-"""Kernels behind the cache storage: in-place compaction and attention-score accumulation.
+"""Kernels behind the cache storage and the fast decode step: compaction, attention scores, decode attention, the
+fused per-layer ops and the skinny projections of a decode step.
 
 Each op has a torch reference (``reference.py``, the specification, also the CPU path). CUDA tensors take the
 Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``, ``decode_attention_kernel.py``,
