@@ -19,20 +19,18 @@ import torch
 from . import custom_ops  # noqa: F401  (registers torch.ops.dynts.decode_attention for torch.compile)
 from .dispatch import KERNEL_MODES, kernel_mode, kernels_in_mode, set_kernel_mode, use_triton
 from .decode_step_checks import (
-    check_concat_linear_args, check_rms_norm_args, check_rotary_and_store_args, check_silu_and_mul_args,
-    check_silu_gated_linear_args,
+    check_concat_linear_args, check_rms_norm_args, check_rotary_and_store_args, check_silu_gated_linear_args,
 )
 from .reference import (
     REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, concat_linear_reference,
-    decode_attention_reference, rms_norm_reference, rotary_and_store_reference, silu_and_mul_reference,
-    silu_gated_linear_reference,
+    decode_attention_reference, rms_norm_reference, rotary_and_store_reference, silu_gated_linear_reference,
 )
 from .validation import check_compaction_args, check_paged_compaction_args
 
 __all__ = [
     "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "concat_linear", "decode_attention",
-    "kernel_mode", "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_and_mul",
-    "silu_gated_linear", "use_triton",
+    "kernel_mode", "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_gated_linear",
+    "use_triton",
 ]
 
 # Longest query window one score-kernel call handles; longer windows (a prefill) are split into causal chunks.
@@ -179,17 +177,7 @@ def rotary_and_store(
     return rotary_and_store_triton(queries, keys, values, cos, sin, key_cache, value_cache, layer, slots)
 
 
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` (views of one fused gate/up projection are fine). See
-    ``reference.silu_and_mul_reference``."""
-    check_silu_and_mul_args(gate, up)
-    if not use_triton(gate):
-        return silu_and_mul_reference(gate, up)
-    from .fused_decode import silu_and_mul as silu_and_mul_triton
-
-    return silu_and_mul_triton(gate, up)
-
-
+# The projections of a decode step (``skinny_linear.py``), checked the same way.
 def _skinny(x: torch.Tensor, weights: Sequence[torch.Tensor]) -> bool:
     """Whether a projection of ``x`` takes the skinny Triton kernel: few rows, weights stored row by row."""
     return use_triton(x) and x.shape[0] <= SKINNY_MAX_ROWS and all(weight.is_contiguous() for weight in weights)

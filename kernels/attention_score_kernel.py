@@ -11,12 +11,12 @@ Splitting the keys into chunks gives enough programs to fill the GPU at any batc
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from .dispatch import dots_in_float32, multiprocessors
 from .reference import REDUCTIONS
 
 MAX_WINDOW = 64
@@ -25,8 +25,8 @@ MAX_BLOCK_ROWS = 128
 # Programs to aim for when splitting the keys into chunks (a few per multiprocessor).
 PROGRAMS_PER_SM = 4
 _REDUCE_CODE = {"sum": 0, "mean": 1, "max": 2}
-# The Triton interpreter (3.6-3.9) multiplies bfloat16 dot operands as their raw uint16 bits: upcast there.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Multiprocessors assumed under the interpreter: any fixed figure; chunking does not change the result.
+INTERPRETER_MULTIPROCESSORS = 132
 
 
 @triton.jit
@@ -198,12 +198,6 @@ def _score_reduce_kernel(
         tl.store(out_base + key, zeros, mask=key < chunk_end)
 
 
-def _multiprocessors(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # interpreter: any fixed figure; chunking does not change the result
-
-
 def attention_scores_triton(
     queries: torch.Tensor,
     keys: torch.Tensor,
@@ -266,7 +260,7 @@ def attention_scores_triton(
     if block_keys not in (16, 32, 64, 128, 256):
         raise ValueError(f"block_keys must be a power of two in [16, 256], got {block_keys}")
     if key_chunk is None:
-        wanted_splits = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch * kv_heads * tiles)
+        wanted_splits = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device, INTERPRETER_MULTIPROCESSORS), batch * kv_heads * tiles)
         key_chunk = block_keys * triton.cdiv(triton.cdiv(max(slots, 1), wanted_splits), block_keys)
     elif key_chunk < block_keys or key_chunk % block_keys:
         raise ValueError(f"key_chunk must be a positive multiple of block_keys={block_keys}, got {key_chunk}")
@@ -274,7 +268,7 @@ def attention_scores_triton(
     programs = batch * kv_heads * tiles * splits
     meta = dict(
         TILES=tiles, WINDOW_PAD=window_pad, BLOCK_ROWS=block_rows, BLOCK_KEYS=block_keys, BLOCK_DIM=block_dim,
-        CAUSAL=causal, DOT_FLOAT32=float32 or (_INTERPRETING and queries.dtype == torch.bfloat16),
+        CAUSAL=causal, DOT_FLOAT32=dots_in_float32(queries.dtype),
         num_warps=num_warps or (8 if block_rows >= 128 else 4), num_stages=2 if float32 else 3,
     )
     scale_log2 = scale * math.log2(math.e)

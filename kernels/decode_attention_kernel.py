@@ -13,14 +13,12 @@ empty programs for a long full-cache buffer holding few tokens. Reference: ``ref
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# The Triton interpreter multiplies bfloat16 dot operands as their raw bits: upcast the dots there.
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .dispatch import dots_in_float32, multiprocessors
+
 BLOCK_SLOTS = 64
 # Programs per streaming multiprocessor a launch aims for: enough loads in flight to saturate memory bandwidth.
 PROGRAMS_PER_SM = 8
@@ -31,9 +29,7 @@ INTERPRETER_SMS = 4
 def decode_splits(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """Splits per (row, KV head): ``PROGRAMS_PER_SM`` programs per multiprocessor of ``device`` in all, at most one
     per block of slots."""
-    sms = (torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda"
-           else INTERPRETER_SMS)
-    wanted = triton.cdiv(PROGRAMS_PER_SM * sms, max(rows * kv_heads, 1))
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device, INTERPRETER_SMS), max(rows * kv_heads, 1))
     return max(1, min(wanted, triton.cdiv(slots, BLOCK_SLOTS)))
 
 
@@ -158,7 +154,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_DIM=triton.next_power_of_2(dim), VALUE_DIM=value_dim, BLOCK_VALUE_DIM=triton.next_power_of_2(value_dim),
         NUM_SPLITS=num_splits, BLOCK_N=BLOCK_SLOTS,
-        DOT_FLOAT32=queries.dtype == torch.float32 or (_INTERPRETING and queries.dtype == torch.bfloat16),
+        DOT_FLOAT32=dots_in_float32(queries.dtype),
     )
     out = torch.empty(batch, q_heads, value_dim, dtype=queries.dtype, device=queries.device)
     _decode_merge_kernel[(q_heads, batch)](

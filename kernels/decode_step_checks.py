@@ -1,4 +1,4 @@
-"""Argument checks of the decode-step ops (RMSNorm, rotary embedding + K/V write, SiLU-and-mul, the projections).
+"""Argument checks of the decode-step ops (RMSNorm, rotary embedding + K/V write, the projections).
 
 They read shapes, dtypes and devices only, never values (no device synchronisation: the ops run inside captured
 CUDA graphs), and raise ValueError naming the argument and what it must be. No Triton import: the dispatchers in
@@ -91,14 +91,6 @@ def check_rotary_and_store_args(
                          f"{tuple(getattr(slots, 'shape', ()))}")
     if slots.device != queries.device:
         raise ValueError(f"slots is on {slots.device}, queries on {queries.device}: they must share a device")
-
-
-def check_silu_and_mul_args(gate: torch.Tensor, up: torch.Tensor) -> None:
-    _check_float("gate", gate)
-    _check_float("up", up)
-    _check_same(("gate", "up"), (gate, up), shape=True)
-    if gate.dim() < 1:
-        raise ValueError(f"gate must be [..., size], got shape {tuple(gate.shape)}")
 
 
 def _check_linear_bias(name: str, bias: torch.Tensor, size: int, x: torch.Tensor) -> None:

@@ -40,6 +40,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def multiprocessors(device: torch.device, otherwise: int) -> int:
+    """Streaming multiprocessors of a CUDA ``device`` (the kernels size their grids from it); ``otherwise`` off CUDA
+    (the interpreter, where the figure only shapes how the work is split)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return otherwise
+
+
+def dots_in_float32(dtype: torch.dtype) -> bool:
+    """Whether a kernel computes its dot products in float32 (``DOT_FLOAT32``): for float32 inputs, and for 16-bit
+    ones under the interpreter, which multiplies bfloat16 dot operands as their raw bits."""
+    return dtype == torch.float32 or interpreting()
+
+
 def kernel_mode() -> str:
     return _mode
 

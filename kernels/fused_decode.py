@@ -5,11 +5,11 @@ step, issue 17); these fuse each group into one launch:
 
 * ``rms_norm``: residual add + RMSNorm, one program per row (the whole hidden size in registers);
 * ``rotary_and_store``: RoPE of the queries and keys plus the write of the keys and values into the dense storage
-  at each row's physical end, one program per (query or KV head, row);
-* ``silu_and_mul``: the gated MLP's activation, one program per block of a row.
+  at each row's physical end, one program per (query or KV head, row).
 
-Each rounds where transformers rounds (the sum of the residual add, the normalised value, each RoPE product, the
-SiLU) and keeps everything else in float32, so on a GPU the results match the torch references in
+(The gated MLP's SiLU-and-mul is fused into its projections: ``skinny_linear.silu_gated_linear``.)
+
+Each rounds where transformers rounds (the sum of the residual add, the normalised value, each RoPE product) and keeps everything else in float32, so on a GPU the results match the torch references in
 ``reference.py`` to the last bit in almost every element; fused multiply-adds are disabled for the same reason
 (``enable_fp_fusion=False``). Inputs were validated by the dispatchers in ``dynts.kernels``
 (``decode_step_checks``); no values are read on the host, so the launches can be captured in a CUDA graph.
@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-SILU_BLOCK = 1024  # elements of a row per program of silu_and_mul
 
 
 @triton.jit
@@ -141,29 +139,3 @@ def rotary_and_store(
             num_warps=1, enable_fp_fusion=False,
         )
     return rotated
-
-
-@triton.jit
-def _silu_and_mul_kernel(gate, up, out, size, stride_gate, stride_up, stride_out, BLOCK: tl.constexpr):
-    block = tl.program_id(0)
-    row = tl.program_id(1).to(tl.int64)
-    column = block * BLOCK + tl.arange(0, BLOCK)
-    mask = column < size
-    dtype = out.dtype.element_ty
-    g = tl.load(gate + row * stride_gate + column, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up + row * stride_up + column, mask=mask, other=0.0).to(tl.float32)
-    activated = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)  # torch's silu, rounded before the product
-    tl.store(out + row * stride_out + column, (activated * u).to(dtype), mask=mask)
-
-
-def silu_and_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """Triton path of ``reference.silu_and_mul_reference`` (same arguments and result)."""
-    size = gate.shape[-1]
-    gate_rows, up_rows = gate.reshape(-1, size), up.reshape(-1, size)
-    out = torch.empty(gate_rows.shape, dtype=gate.dtype, device=gate.device)
-    if out.numel() > 0:
-        _silu_and_mul_kernel[(triton.cdiv(size, SILU_BLOCK), gate_rows.shape[0])](
-            gate_rows, up_rows, out, size, gate_rows.stride(0), up_rows.stride(0), out.stride(0),
-            BLOCK=SILU_BLOCK, num_warps=4, enable_fp_fusion=False,
-        )
-    return out.view(gate.shape)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dispatch import interpreting
+from .dispatch import dots_in_float32, interpreting, multiprocessors
 
 MAX_SPLIT_K = 4
 # K per split is a multiple of this (the widest tuned BLOCK_K), so every split walks whole tiles.
@@ -195,10 +195,9 @@ def rows_padded(rows: int) -> int:
 def split_count(total_columns: int, device: torch.device) -> int:
     """Splits of K: about one program per multiprocessor when the output has fewer blocks than that."""
     if device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+        return 1  # the interpreter: tests choose the split count
     blocks = triton.cdiv(total_columns, _SPLIT_BLOCK_ROWS)
-    return max(1, min(MAX_SPLIT_K, round(sms / blocks)))
+    return max(1, min(MAX_SPLIT_K, round(multiprocessors(device, otherwise=1) / blocks)))
 
 
 def _element_offsets(tensors: list[torch.Tensor]) -> list[int]:
@@ -206,11 +205,6 @@ def _element_offsets(tensors: list[torch.Tensor]) -> list[int]:
     size = tensors[0].element_size()
     offsets = [(tensor.data_ptr() - tensors[0].data_ptr()) // size for tensor in tensors[1:]]
     return offsets + [0] * (2 - len(offsets))
-
-
-def _dot_float32(x: torch.Tensor) -> bool:
-    # The Triton interpreter multiplies 16-bit dot operands as raw bits: upcast there (and for fp32 inputs).
-    return x.dtype == torch.float32 or (interpreting() and x.dtype != torch.float32)
 
 
 def concat_linear(
@@ -243,7 +237,7 @@ def concat_linear(
         rows, depth, *padded_sizes, total, k_per_split, *w_offsets, *b_offsets,
         x.stride(0), weights[0].stride(0), out.stride(0),
         partial.stride(0) if splits > 1 else 0, partial.stride(1) if splits > 1 else 0,
-        M_PAD=rows_padded(rows), SPLIT_K=splits, HAS_BIAS=has_bias, DOT_FLOAT32=_dot_float32(x),
+        M_PAD=rows_padded(rows), SPLIT_K=splits, HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype),
     )
     if splits > 1:
         _reduce_splits_kernel[(triton.cdiv(rows * total, REDUCE_BLOCK),)](
@@ -273,6 +267,6 @@ def silu_gated_linear(
     _silu_gated_tuned[grid](
         x, gate_weight, up_weight, gate_bias if has_bias else gate_weight, up_bias if has_bias else up_weight, out,
         rows, depth, size, x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
-        M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=_dot_float32(x),
+        M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype),
     )
     return out

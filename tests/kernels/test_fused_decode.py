@@ -1,4 +1,4 @@
-"""Fused decode-step Triton kernels (RMSNorm + residual, RoPE + K/V write, SiLU-and-mul) against their torch
+"""Fused decode-step Triton kernels (RMSNorm + residual, RoPE + K/V write) against their torch
 references on awkward shapes."""
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts
 from kernel_cases import pick  # noqa: E402
 
 from dynts import kernels  # noqa: E402
-from dynts.kernels.fused_decode import rms_norm, rotary_and_store, silu_and_mul  # noqa: E402
+from dynts.kernels.fused_decode import rms_norm, rotary_and_store  # noqa: E402
+from dynts.kernels.skinny_linear import silu_gated_linear  # noqa: E402
 from dynts.kernels.reference import (  # noqa: E402
-    rms_norm_reference, rotary_and_store_reference, silu_and_mul_reference,
+    rms_norm_reference, rotary_and_store_reference,
 )
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -80,17 +81,6 @@ def test_rotary_and_store_kernel_matches_reference(device, dtype, dim, value_dim
     assert torch.equal(value_cache, want_values)  # values are copied, not computed
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_silu_and_mul_kernel_matches_reference_on_fused_projection(device, dtype):
-    generator = torch.Generator().manual_seed(4)
-    rows, size = 3, pick(device, 1030, 18944 + 7)  # past one 1024-element block, and not a multiple of it
-    gate_up = randn(rows, 1, 2 * size, dtype=dtype, device=device, generator=generator) * 4
-    gate, up = gate_up[..., :size], gate_up[..., size:]  # halves of one fused gate/up projection
-    got = silu_and_mul(gate, up)
-    assert got.shape == (rows, 1, size)
-    assert_matches(got, silu_and_mul_reference(gate, up), device)
-
-
 def test_public_ops_run_the_kernels_on_cuda(device):
     """dynts.kernels routes CUDA tensors to these kernels (CPU tensors take the references, checked above)."""
     if device != "cuda":
@@ -101,4 +91,6 @@ def test_public_ops_run_the_kernels_on_cuda(device):
     for got, want in zip(kernels.rms_norm(hidden, weight, eps=1e-5, residual=residual),
                          rms_norm(hidden, weight, eps=1e-5, residual=residual)):
         assert torch.equal(got, want)
-    assert torch.equal(kernels.silu_and_mul(hidden, residual), silu_and_mul(hidden, residual))
+    projection = randn(64, 256, dtype=torch.bfloat16, device=device, generator=generator)
+    assert torch.equal(kernels.silu_gated_linear(hidden, projection, projection),
+                       silu_gated_linear(hidden, projection, projection))
