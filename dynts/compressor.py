@@ -227,29 +227,29 @@ class DenseCompressor:
             full = [row for row in full if before[row] > lengths[row] >= self.triggers[row]]
 
     def compact(self, rows: list[int]) -> KeepPlan:
-        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state."""
+        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state. One device
+        synchronisation (the plan's counts), before anything moves."""
         slots, tracker = self.slots, self.tracker
-        rows_t = torch.tensor(rows, device=slots.device)
         held = [slots.physical_len_host[row] for row in rows]
         before = self._observed_positions(rows)
+        rows_t = torch.tensor(rows, device=slots.device)
         with torch.no_grad():
             with self.stopwatch.measure("scoring"):
                 scores = self.scorer.score(rows_t)
             with self.stopwatch.measure("eviction"):
                 plan = plan_compaction(
-                    scores, slots.positions[:, rows_t], slots.physical_len[rows_t],
-                    [tracker.protected_spans[row] for row in rows], self.config,
-                    num_layers=slots.num_layers, kv_heads=slots.kv_heads,
+                    scores, slots.positions[:, rows_t], held, [tracker.protected_spans[row] for row in rows],
+                    self.config, num_layers=slots.num_layers, kv_heads=slots.kv_heads,
                 )
-                self._apply(rows_t, plan)
-        kept = plan.keep_count.tolist()
-        for row, count, overflow in zip(rows, kept, plan.overflow.tolist()):
-            self.triggers[row] = next_trigger(self.config, count, overflow)
+                kept, overflow = plan.read()
+                self._apply(rows, plan.keep_index, kept)
+        for row, count, overflowed in zip(rows, kept, overflow):
+            self.triggers[row] = next_trigger(self.config, count, overflowed)
         self._stats.compactions += len(rows)
         self._stats.evicted_tokens += sum(held) - sum(kept)
         if before is not None and self.compaction_observer is not None:
             self.compaction_observer(rows, before, self._observed_positions(rows))
-        self._overflow.check(plan.overflow)
+        self._overflow.check(overflow)
         return plan
 
     def _observed_positions(self, rows: list[int]) -> list[torch.Tensor] | None:
@@ -258,9 +258,9 @@ class DenseCompressor:
         table = self.slots.positions[0, :, 0]
         return [table[row, : self.slots.physical_len_host[row]].cpu() for row in rows]
 
-    def _apply(self, rows: torch.Tensor, plan: KeepPlan) -> None:
-        self.kv.compact(rows, plan.keep_index, plan.keep_count)
-        self.slots.compact(rows, plan.keep_index, plan.keep_count)
+    def _apply(self, rows: list[int], keep_index: torch.Tensor, kept: list[int]) -> None:
+        self.kv.compact(rows, keep_index, kept)
+        self.slots.compact(rows, keep_index, kept)
 
     def _drop_slots(self, keep: dict[int, list[int]]) -> None:
         """Keep only the listed slots of some rows (padding, masked history): not an eviction, nothing is scored."""
@@ -269,9 +269,7 @@ class DenseCompressor:
         keep_index = torch.zeros(1, len(rows), 1, max(width, 1), dtype=torch.long)
         for i, row in enumerate(rows):
             keep_index[0, i, 0, : len(keep[row])] = torch.tensor(keep[row], dtype=torch.long)
-        device = self.slots.device
-        keep_count = torch.tensor([len(keep[row]) for row in rows], device=device)
-        self._apply(torch.tensor(rows, device=device), KeepPlan(keep_index.to(device), keep_count, keep_count < 0))
+        self._apply(rows, keep_index.to(self.slots.device), [len(keep[row]) for row in rows])
 
     # ------------------------------------------------------------------ static decoding
     def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> StaticSession:
@@ -418,10 +416,10 @@ class DenseCompressor:
         if keep:
             self._drop_slots(keep)
 
-    def record_stats(self) -> None:
-        """Account for the rows' lengths after a step (``stats``)."""
+    def record_stats(self, lengths: list[int] | None = None) -> None:
+        """Account for the rows' lengths after a step (``stats``): ``lengths``, or the physical lengths now."""
         stats = self._stats
-        stats.record_step(self.slots.physical_len_host, self.kv.bytes_per_token)
+        stats.record_step(self.slots.physical_len_host if lengths is None else lengths, self.kv.bytes_per_token)
         stats.allocated_kv_bytes = self.kv.allocated_bytes() + self.slots.state_bytes()
         stats.reallocations = self.slots.reallocations
 

@@ -115,17 +115,32 @@ def protected_slots(positions: torch.Tensor, spans: torch.Tensor) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------- which slots
 @dataclass
 class KeepPlan:
-    """Kept slots of the compacted rows.
+    """Kept slots of the compacted rows, on the scores' device (planning never waits for the device).
 
-    keep_index: [layers_g, rows, heads_g, K] int64, ascending slot indices; entries at j >= keep_count[r] are
-                padding (unspecified).
-    keep_count: [rows] int64, the new physical length of each row (the same for every layer and head).
-    overflow:   [rows] bool, rows whose protected tokens alone exceeded the keep quota.
+    keep_index:  [layers_g, rows, heads_g, K] int64, ascending slot indices; entries at j >= keep_count[r] are
+                 padding (unspecified). K is the longest compacted row's physical length.
+    keep_count:  [rows] int64, the new physical length of each row (the same for every layer and head).
+    overflow:    [rows] bool, rows whose protected tokens alone exceeded the keep quota.
+    nan_scores:  [rows] bool, rows whose scores held NaN (``read`` rejects the plan).
+
+    Valid by construction for ``kernels.compact_`` (kept indices strictly increasing, below the row's length, exactly
+    ``keep_count`` of them), so its owners move slots without checking it again on the device.
     """
 
     keep_index: torch.Tensor
     keep_count: torch.Tensor
     overflow: torch.Tensor
+    nan_scores: torch.Tensor
+
+    def read(self) -> tuple[list[int], list[bool]]:
+        """(keep_count, overflow) on the host, in one device synchronisation: the plan's only one. Raises
+        ValueError if a row's scores held NaN (call it before moving anything)."""
+        counts, overflow, nan_scores = torch.stack([self.keep_count, self.overflow.long(), self.nan_scores.long()]).tolist()
+        if any(nan_scores):
+            rows = [row for row, bad in enumerate(nan_scores) if bad]
+            raise ValueError(f"scores contain NaN (compacted rows {rows}); a scorer must return finite (or +-inf) "
+                             "importance values")
+        return counts, [bool(flag) for flag in overflow]
 
 
 def to_granularity(scores: torch.Tensor, layers_g: int, heads_g: int, num_layers: int, kv_heads: int) -> torch.Tensor:
@@ -147,43 +162,42 @@ def to_granularity(scores: torch.Tensor, layers_g: int, heads_g: int, num_layers
 
 def select_keep(
     scores: torch.Tensor,
-    physical_len: torch.Tensor,
+    physical_len: Sequence[int],
     protected: torch.Tensor,
     config: CompressionConfig,
 ) -> KeepPlan:
-    """Choose the kept slots of each row.
+    """Choose the kept slots of each row (device work only: nothing here waits for the device).
 
-    scores:       [layers_g, rows, heads_g, slots] float, higher = more important (finite or +-inf; no NaN).
-    physical_len: [rows] int64, current physical length of each row (slots past it are ignored).
+    scores:       [layers_g, rows, heads_g, slots] float, higher = more important (finite or +-inf; NaN is flagged
+                  in ``KeepPlan.nan_scores``).
+    physical_len: the current physical length of each row, as the host knows it (slots past it are ignored).
     protected:    bool, broadcastable to ``scores``: slots that must stay.
     """
     if scores.dim() != 4:
         raise ValueError(f"scores must be [layers_g, rows, heads_g, slots], got shape {tuple(scores.shape)}")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN; a scorer must return finite (or +-inf) importance values")
     layers_g, rows, heads_g, slots = scores.shape
     device = scores.device
-    physical_len = physical_len.to(device=device, dtype=torch.long)
-    if physical_len.shape != (rows,):
-        raise ValueError(f"physical_len must have shape [{rows}], got {tuple(physical_len.shape)}")
-    lengths = physical_len.tolist()
-    if any(length > slots for length in lengths):
-        raise ValueError(f"physical_len exceeds the {slots} scored slots")
+    lengths = [int(length) for length in physical_len]
+    if len(lengths) != rows:
+        raise ValueError(f"physical_len must give one length per row ({rows}), got {len(lengths)}")
+    if any(not 0 <= length <= slots for length in lengths):
+        raise ValueError(f"physical_len must be in [0, {slots}] (the scored slots), got {lengths}")
     protected = protected.to(device).expand_as(scores)
+    windows = [min(config.window, length) for length in lengths]
+    quotas = [keep_quota(config, length - window) for length, window in zip(lengths, windows)]
+    # One host-to-device copy for every per-row count the device needs: length, window, quota.
+    length, window, quota = torch.tensor([lengths, windows, quotas], dtype=torch.long).to(device).unbind(0)
 
     slot = torch.arange(slots, device=device).view(1, 1, 1, slots)
-    length = physical_len.view(1, rows, 1, 1)
-    window = torch.clamp(length, max=config.window)
-    older_end = length - window
+    older_end = (length - window).view(1, rows, 1, 1)
     is_older = slot < older_end
-    in_window = (slot >= older_end) & (slot < length)
+    in_window = (slot >= older_end) & (slot < length.view(1, rows, 1, 1))
     forced_older = is_older & protected
 
-    quota = torch.tensor([keep_quota(config, n - min(n, config.window)) for n in lengths], device=device, dtype=torch.long)
     protected_older = forced_older.sum(dim=-1)  # [Lg, R, G]; equal across layers/heads by construction
     protected_older = protected_older.amax(dim=(0, 2))
     scored_keep = (quota - protected_older).clamp(min=0)  # [R]
-    keep_count = physical_len.clamp(max=config.window) + torch.maximum(quota, protected_older)
+    keep_count = window + torch.maximum(quota, protected_older)
 
     # Rank the unprotected older slots by score; ties go to the more recent slot (stable sort over reversed slots).
     candidate = is_older & ~protected
@@ -198,16 +212,17 @@ def select_keep(
     chosen = torch.zeros_like(candidate).scatter_(-1, ranked, chosen_ranked.expand_as(ranked))
 
     keep = forced_older | in_window | (chosen & candidate)
-    width = int(keep_count.max().item()) if rows else 0
+    width = max(lengths, default=0)  # >= every keep count, known without asking the device
     ordered = torch.where(keep, slot.expand_as(keep), torch.full_like(keep, slots, dtype=torch.long))
     keep_index = torch.sort(ordered, dim=-1).values[..., :width]
-    return KeepPlan(keep_index=keep_index, keep_count=keep_count, overflow=protected_older > quota)
+    nan_scores = torch.isnan(scores).any(dim=3).any(dim=2).any(dim=0)
+    return KeepPlan(keep_index=keep_index, keep_count=keep_count, overflow=protected_older > quota, nan_scores=nan_scores)
 
 
 def plan_compaction(
     scores: torch.Tensor,
     positions: torch.Tensor,
-    physical_len: torch.Tensor,
+    physical_len: Sequence[int],
     spans: Sequence[Sequence[Span]],
     config: CompressionConfig,
     *,
@@ -218,12 +233,12 @@ def plan_compaction(
 
     scores:       [layers_x, rows, heads_x, >= width] raw scorer output (``Scorer.score``).
     positions:    [layers_g, rows, heads_g, >= width] logical position of each slot (the slot table's).
-    physical_len: [rows] current physical lengths; width = its maximum.
+    physical_len: per row, the current physical length as the host knows it; width = the longest.
     spans:        per row, the protected logical spans (``SequenceTracker.protected_spans`` in HF, the prompt and
                   answer spans of a request in vLLM).
     """
     layers_g, _, heads_g, _ = positions.shape
-    width = int(physical_len.max().item())
+    width = max(physical_len, default=0)
     scores = to_granularity(scores, layers_g, heads_g, num_layers, kv_heads)[..., :width]
     positions = positions[..., :width]
     protected = protected_slots(positions, spans_tensor(spans, positions.device))
@@ -236,8 +251,8 @@ class OverflowNotice:
     def __init__(self) -> None:
         self.warned = False
 
-    def check(self, overflow: torch.Tensor | bool) -> None:
-        if self.warned or not bool(torch.as_tensor(overflow).any()):
+    def check(self, overflow: Sequence[bool]) -> None:
+        if self.warned or not any(overflow):
             return
         self.warned = True
         warnings.warn(

@@ -17,6 +17,7 @@ state tensor at the slots a step is about to write, before any scorer looks at t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,15 +131,17 @@ class SlotTable:
         self.reallocations += 1
         return True
 
-    def compact(self, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
-        """Keep, for each row in ``rows``, the slots ``keep_index[..., :keep_count]`` (see ``dynts.policy``): the
-        same move the integration applies to the K/V. Freed slots are marked -1 (their state is reset on reuse)."""
-        rows = rows.to(self.device)
-        keep_count = keep_count.to(self.device)
+    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int]) -> None:
+        """Keep, for each of ``rows``, the slots ``keep_index[..., :keep_count]`` (a ``dynts.policy.KeepPlan``'s,
+        valid by construction: moved without a device check): the same move the integration applies to the K/V.
+        Freed slots are marked -1 (their state is reset on reuse). Device work only: the host already knows the
+        counts."""
+        rows, keep_count = list(rows), list(keep_count)
+        rows_t, keep_count_t = torch.tensor([rows, keep_count], dtype=torch.long).to(self.device).unbind(0)
         tensors = [self.positions, *(state.tensor for state in self._states.values())]
-        kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows, keep_index, keep_count)
-        self.physical_len[rows] = keep_count
-        for row, count in zip(rows.tolist(), keep_count.tolist()):
+        kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows_t, keep_index, keep_count_t, check_values=False)
+        self.physical_len[rows_t] = keep_count_t
+        for row, count in zip(rows, keep_count):
             self.physical_len_host[row] = count
         slot = torch.arange(self.capacity, device=self.device).view(1, 1, 1, -1)
         self.positions.masked_fill_(slot >= self.physical_len.view(1, -1, 1, 1), -1)

@@ -10,6 +10,8 @@ owner (``DenseCompressor``) compacts together with these buffers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from . import kernels
@@ -78,9 +80,9 @@ class KVStorage:
         self.keys[layer][rows, :, slots] = key_states.transpose(1, 2)
         self.values[layer][rows, :, slots] = value_states.transpose(1, 2)
 
-    def compact(self, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
-        """Keep, for each row in ``rows``, the slots ``keep_index[..., :keep_count]`` of every layer (one launch each
-        for K and V)."""
-        rows = rows.to(self.device)
-        keep_count = keep_count.to(self.device)
-        kernels.compact_((self.keys, self.values), rows, keep_index, keep_count)
+    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int]) -> None:
+        """Keep, for each of ``rows``, the slots ``keep_index[..., :keep_count]`` of every layer (a
+        ``dynts.policy.KeepPlan``'s, valid by construction: moved without a device check; one launch each for K
+        and V)."""
+        rows_t, keep_count_t = torch.tensor([list(rows), list(keep_count)], dtype=torch.long).to(self.device).unbind(0)
+        kernels.compact_((self.keys, self.values), rows_t, keep_index, keep_count_t, check_values=False)

@@ -40,17 +40,19 @@ SKINNY_MAX_ROWS = 64
 
 
 def compact_(
-    cache: torch.Tensor | Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+    cache: torch.Tensor | Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+    *, check_values: bool = True,
 ) -> None:
     """In place: move each selected row's kept slots to the front. See ``reference.compact_reference_``.
 
     ``cache``: one tensor, or several compacted alike (K and V; a slot table's positions and states), sharing their
     batch, slots and device. All layers in one launch per tensor on the Triton path, any dtype (the int64 positions
     tensor too, as [.., slots, 1]). Arguments are validated first (one device sync for all the tensors); bad ones
-    raise ValueError.
+    raise ValueError. ``check_values=False`` skips the value checks and their sync, for arguments valid by
+    construction (a ``dynts.policy.KeepPlan`` and distinct rows): shapes are still checked.
     """
     caches = [cache] if isinstance(cache, torch.Tensor) else list(cache)
-    rows, keep_index, keep_count = check_compaction_args(caches, rows, keep_index, keep_count)
+    rows, keep_index, keep_count = check_compaction_args(caches, rows, keep_index, keep_count, check_values=check_values)
     for tensor in caches:
         if not use_triton(tensor):
             compact_reference_(tensor, rows, keep_index, keep_count)

@@ -30,7 +30,8 @@ def compact_reference_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torc
     layers, _, heads, _, dim = cache.shape
     if keep_index.shape[-1] == 0 or rows.numel() == 0:
         return
-    index = keep_index.expand(layers, -1, heads, -1)  # [L, R, H, K]
+    # Padding past the longest kept list moves nothing: leave it out (a plan's K is the longest held length).
+    index = keep_index[..., : int(keep_count.max())].expand(layers, -1, heads, -1)  # [L, R, H, K]
     # Entries past keep_count may be anything: clamp them onto a valid slot so the gather stays in bounds; their
     # destination slots are beyond the new physical length and never read.
     width = torch.arange(index.shape[-1], device=index.device)

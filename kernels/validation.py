@@ -55,10 +55,12 @@ def _check_dense_shape(name: str, cache: torch.Tensor, keep_index: torch.Tensor,
 
 
 def check_compaction_args(
-    caches: Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
+    caches: Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+    *, check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Validate the arguments of ``compact_`` (dense layout; several tensors compacted alike share their batch,
-    slots and device); returns rows, keep_index, keep_count as int64 on the caches' device."""
+    slots and device); returns rows, keep_index, keep_count as int64 on the caches' device. ``check_values=False``
+    checks shapes only (no device synchronisation)."""
     if len(caches) == 0:
         raise ValueError("compact_ needs at least one cache tensor")
     _check_integer("rows", rows, 1)
@@ -78,7 +80,7 @@ def check_compaction_args(
     device = cache.device
     rows, keep_index, keep_count = (t.to(device=device, dtype=torch.long) for t in (rows, keep_index, keep_count))
     flags = {}
-    if row_count:
+    if row_count and check_values:
         ordered_rows = rows.sort().values
         flags["rows"] = (ordered_rows[0] >= 0) & (ordered_rows[-1] < batch) & (ordered_rows.diff() > 0).all()
         if width:

@@ -9,9 +9,9 @@ def _keep(scores, length, protected=None, **config):
     config = CompressionConfig(**config)
     scores = torch.tensor(scores, dtype=torch.float32).view(1, 1, 1, -1)
     protected = torch.zeros_like(scores, dtype=torch.bool) if protected is None else torch.tensor(protected).view(1, 1, 1, -1)
-    plan = select_keep(scores, torch.tensor([length]), protected, config)
-    count = int(plan.keep_count[0])
-    return plan.keep_index[0, 0, 0, :count].tolist(), bool(plan.overflow[0])
+    plan = select_keep(scores, [length], protected, config)
+    (count,), (overflow,) = plan.read()
+    return plan.keep_index[0, 0, 0, :count].tolist(), overflow
 
 
 def test_window_plus_top_k():
@@ -45,7 +45,7 @@ def test_keep_ratio_one_keeps_everything():
 def test_ragged_rows_and_padding_past_the_length():
     config = CompressionConfig(budget=6, window=1, keep_ratio=0.5)
     scores = torch.tensor([[1.0, 5, 2, 4, 3, 0, 9, 9], [9.0, 1, 8, 2, 0, 0, 0, 0]]).view(1, 2, 1, 8)
-    plan = select_keep(scores, torch.tensor([6, 4]), torch.zeros(1, 2, 1, 8, dtype=torch.bool), config)
+    plan = select_keep(scores, [6, 4], torch.zeros(1, 2, 1, 8, dtype=torch.bool), config)
     assert plan.keep_count.tolist() == [1 + 2, 1 + 1]
     assert plan.keep_index[0, 0, 0, :3].tolist() == [1, 3, 5]
     assert plan.keep_index[0, 1, 0, :2].tolist() == [0, 3]
@@ -54,14 +54,28 @@ def test_ragged_rows_and_padding_past_the_length():
 def test_per_head_keep_sets_have_equal_counts():
     config = CompressionConfig(budget=5, window=1, keep_ratio=0.5, granularity="per_kv_head")
     scores = torch.tensor([[4.0, 3, 2, 1, 0], [0.0, 1, 2, 3, 4]]).view(1, 1, 2, 5)
-    plan = select_keep(scores, torch.tensor([5]), torch.zeros(1, 1, 1, 5, dtype=torch.bool), config)
-    assert plan.keep_index[0, 0, 0].tolist() == [0, 1, 4]
-    assert plan.keep_index[0, 0, 1].tolist() == [2, 3, 4]
+    plan = select_keep(scores, [5], torch.zeros(1, 1, 1, 5, dtype=torch.bool), config)
+    assert plan.keep_index[0, 0, 0, :3].tolist() == [0, 1, 4]
+    assert plan.keep_index[0, 0, 1, :3].tolist() == [2, 3, 4]
 
 
 def test_nan_scores_are_rejected():
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(ValueError, match=r"NaN \(compacted rows \[0\]\)"):
         _keep([float("nan"), 1.0, 2.0], 3, budget=3, window=1)
+    scores = torch.tensor([[1.0, 2, 3], [1.0, float("nan"), 3]]).view(1, 2, 1, 3)
+    plan = select_keep(scores, [3, 2], torch.zeros(1, 2, 1, 3, dtype=torch.bool), CompressionConfig(budget=3, window=1))
+    assert plan.nan_scores.tolist() == [False, True]
+    with pytest.raises(ValueError, match=r"compacted rows \[1\]"):
+        plan.read()
+
+
+def test_lengths_outside_the_scored_slots_are_rejected():
+    config = CompressionConfig(budget=3, window=1)
+    scores = torch.zeros(1, 2, 1, 3)
+    with pytest.raises(ValueError, match=r"physical_len must be in \[0, 3\]"):
+        select_keep(scores, [3, 4], torch.zeros(1, 2, 1, 3, dtype=torch.bool), config)
+    with pytest.raises(ValueError, match=r"one length per row \(2\)"):
+        select_keep(scores, [3], torch.zeros(1, 2, 1, 3, dtype=torch.bool), config)
 
 
 def test_protected_slots_from_positions():
@@ -106,8 +120,42 @@ def test_the_count_only_twin_agrees_with_plan_compaction(budget_mode: str) -> No
         if length < min(window, logical):
             continue
         plan = plan_compaction(torch.rand(1, 1, 1, length, generator=generator), torch.tensor(held).view(1, 1, 1, -1),
-                               torch.tensor([length]), [spans], config, num_layers=1, kv_heads=1)
+                               [length], [spans], config, num_layers=1, kv_heads=1)
         twin = compacted_length(config, length, protected_count(spans, logical - min(window, length)))
-        assert int(plan.keep_count[0]) == twin, (config, logical, spans, held)
+        (kept,), _ = plan.read()
+        assert kept == twin, (config, logical, spans, held)
         checked += 1
     assert checked > 300
+
+
+@pytest.mark.parametrize("granularity", ["shared", "per_kv_head"])
+def test_plans_are_valid_for_the_unchecked_move(granularity: str) -> None:
+    """Owners move a plan's slots without checking it on the device (``check_values=False``): for every ragged row
+    and head, the first keep_count indices must be strictly increasing slots below the row's length that hold the
+    whole window and every protected slot; the kernels' own validator must accept the plan."""
+    from dynts.kernels.validation import check_compaction_args
+    from dynts.policy import keep_quota
+
+    generator = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        rows, heads, slots = 1 + trial % 4, 2, 40
+        config = CompressionConfig(budget=30, window=int(torch.randint(0, 8, (1,), generator=generator)),
+                                   keep_ratio=0.05 + 0.9 * float(torch.rand(1, generator=generator)), granularity=granularity)
+        heads_g = heads if granularity == "per_kv_head" else 1
+        lengths = torch.randint(0, slots + 1, (rows,), generator=generator).tolist()
+        scores = torch.randn(1, rows, heads_g, slots, generator=generator).round(decimals=1)  # ties too
+        protected = torch.rand(1, rows, 1, slots, generator=generator) < 0.2
+        plan = select_keep(scores, lengths, protected, config)
+        counts, overflow = plan.read()
+        cache = torch.zeros(1, rows, heads, slots, 1)
+        check_compaction_args([cache], torch.arange(rows), plan.keep_index, plan.keep_count)  # raises if invalid
+        for row, (length, count) in enumerate(zip(lengths, counts)):
+            window = min(config.window, length)
+            must = set(range(length - window, length)) | {s for s in range(length) if protected[0, row, 0, s]}
+            older_protected = sum(1 for s in must if s < length - window)
+            quota = keep_quota(config, length - window)
+            assert count == window + max(quota, older_protected) and overflow[row] == (older_protected > quota)
+            for head in range(heads_g):
+                kept = plan.keep_index[0, row, head, :count].tolist()
+                assert kept == sorted(set(kept)) and all(0 <= s < length for s in kept), (trial, row, kept)
+                assert must <= set(kept), (trial, row, must - set(kept))

@@ -110,8 +110,9 @@ class _RequestSlots:
 
     def plan(
         self, command: Compaction, combine: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keep indices ([1, 1, 1, K]), keep count ([1]) and overflow flag of a compaction, by ``dynts.policy``.
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Keep indices ([1, 1, 1, K]), keep count ([1], on the device) and overflow flag of a compaction, by
+        ``dynts.policy``.
 
         combine: maps the scorer's [layers_x, 1, heads_x, slots] scores to what every tensor-parallel rank agrees on.
         """
@@ -128,19 +129,20 @@ class _RequestSlots:
             if combine is not None:
                 scores = combine(scores)
             plan = plan_compaction(
-                scores, table.positions, table.physical_len,
+                scores, table.positions, table.physical_len_host,
                 [request_spans(self.config, command.prompt_end, command.answer_start)], self.config,
                 num_layers=table.num_layers, kv_heads=table.kv_heads,
             )
-        if int(plan.keep_count[0]) != command.keep_count:
+        (kept,), (overflow,) = plan.read()
+        if kept != command.keep_count:
             raise RuntimeError(
-                f"dynts: request {command.req_id!r}: the policy keeps {int(plan.keep_count[0])} slots but the "
+                f"dynts: request {command.req_id!r}: the policy keeps {kept} slots but the "
                 f"scheduler planned {command.keep_count} (protected spans disagree)"
             )
-        return plan.keep_index, plan.keep_count, plan.overflow
+        return plan.keep_index, plan.keep_count, overflow
 
-    def compact(self, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
-        self.table.compact(torch.zeros(1, dtype=torch.long, device=self.table.device), keep_index, keep_count)
+    def compact(self, keep_index: torch.Tensor, keep_count: int) -> None:
+        self.table.compact([0], keep_index, [keep_count])
 
     def resident_positions(self) -> list[int]:
         return self.table.resident_positions(0)[0].tolist()
@@ -356,11 +358,11 @@ class DynTSWorker:
         else:
             table = torch.as_tensor([block_ids], dtype=torch.long, device=self.device)
             kernels.compact_paged_([_plane_first(cache) for cache in self.kv_caches], table, keep_index, keep_count)
-        slots.compact(keep_index, keep_count)
+        slots.compact(keep_index, command.keep_count)
         self._truncate_blocks(runner, command.req_id, -(-command.keep_count // self.block_size))
         self.stats.compactions += 1
         self.stats.evicted_tokens += command.physical_len - command.keep_count
-        self._overflow.check(overflow)
+        self._overflow.check([overflow])
 
     def _suspend(self, runner: Any, command: Suspend) -> None:
         """Copy the K/V of the request's resident slots (whole blocks: compaction packed them at the front) to host
