@@ -23,9 +23,11 @@ class StaticSession:
     Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
     the new slots), ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer
     observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
-    every step: it knows how the lengths of active rows grow, so it only synchronises (``sync``: reads the logged
-    tokens, updates the tracker, compacts in place, records stats) when a row may reach its trigger or the token log
-    is full (``sync_due``). Buffers only move on a capacity growth, after which the driver captures again.
+    every step: it knows how the lengths of active rows grow, so it only synchronises (``read`` the logged tokens,
+    then ``settle``: update the tracker, compact in place, record stats) when a row may reach its trigger or the token
+    log is full (``due``); when no row can have reached its trigger, the driver may queue one more step between the two
+    so that the host's bookkeeping overlaps it. Buffers only move on a capacity growth, after which the driver captures
+    again.
     """
 
     def __init__(self, compressor: "DenseCompressor", input_ids: torch.Tensor, pad_token_id: int,
@@ -49,7 +51,7 @@ class StaticSession:
         self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last sync
         compressor.ensure_capacity(max(compressor.triggers))  # a row reaches its trigger between syncs
         self._unsynced = 0
-        self._countdown = 0
+        self._step_before_settling = False
         self._plan_next_sync()
 
     def close(self) -> None:
@@ -96,21 +98,44 @@ class StaticSession:
     def unsynced_steps(self) -> int:
         return self._unsynced
 
-    def stepped(self) -> bool:
-        """Count a step the driver ran; True when the host must ``sync`` before the next one."""
+    def stepped(self) -> None:
+        """Count a step the driver ran."""
         self._unsynced += 1
+
+    @property
+    def due(self) -> bool:
+        """The host must ``sync`` (or ``read`` and ``settle``) before the next step."""
         return self._unsynced >= self._countdown
 
     def sync(self) -> bool:
-        """Read the tokens fed since the last sync (one device synchronisation), track them, compact the rows that
-        reached their trigger, record stats. Returns True when the buffers grew (the driver must capture again)."""
-        compressor = self.compressor
-        slots, tracker = compressor.slots, compressor.tracker
+        """``settle(read())``: returns True when the buffers grew (the driver must capture again)."""
+        return self.settle(self.read())
+
+    def read(self) -> list[list[int]]:
+        """The tokens fed since the last read, per row (one device synchronisation); the token log starts over.
+
+        Until ``settle`` tracks them, the driver may run one more step if ``may_step_before_settling``: the host's
+        bookkeeping then overlaps that step instead of holding the device idle."""
         steps = self._unsynced
-        if not steps:
-            return False
         logged = self._log[:, :steps].tolist()
         self._log_position.zero_()
+        self._unsynced = 0
+        # No row can have reached its trigger in these steps, so nothing is compacted before the next one.
+        self._step_before_settling = self._room > steps
+        return logged
+
+    @property
+    def may_step_before_settling(self) -> bool:
+        return self._step_before_settling
+
+    def settle(self, logged: list[list[int]]) -> bool:
+        """Track the tokens ``read`` returned, compact the rows that reached their trigger, record stats. Returns
+        True when the buffers grew (the driver must capture again)."""
+        compressor = self.compressor
+        slots, tracker = compressor.slots, compressor.tracker
+        steps = len(logged[0]) if logged else 0
+        if not steps:
+            return False
         # The whole interval in one feed (the same as one feed per step: generated columns are tracked one by
         # one), then each step's lengths for the stats.
         plan = tracker.feed(steps, logged, None)
@@ -125,7 +150,6 @@ class StaticSession:
         capacity = compressor.kv.capacity
         compressor.ensure_capacity(max(compressor.triggers))
         compressor.record_stats()
-        self._unsynced = 0
         self._plan_next_sync()
         return compressor.kv.capacity != capacity
 
@@ -139,4 +163,5 @@ class StaticSession:
         compressor = self.compressor
         lengths, finished = compressor.slots.physical_len_host, compressor.tracker.finished
         room = [trigger - length for trigger, length, done in zip(compressor.triggers, lengths, finished) if not done]
-        self._countdown = max(1, min([self.readback_every, *room]))
+        self._room = min(room, default=self.readback_every + 1)  # steps from the last read (rows grow one per step)
+        self._countdown = max(1, min(self.readback_every, self._room))

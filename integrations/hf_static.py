@@ -144,20 +144,38 @@ class StaticDecoder:
         use_graph = self.use_cuda_graph if self.use_cuda_graph is not None else input_ids.is_cuda
         self.step_seconds, self.sync_intervals, self.sync_seconds = [], [], []
 
-        def synchronise() -> bool:
-            """The session's sync after the steps queued since the last one; records their times. True when the
-            buffers moved (the graph must be captured again)."""
+        def run_step() -> None:
+            nonlocal steps_run
+            if use_graph:
+                self._replay()
+            else:
+                self._step()
+            if logits_callback is not None:
+                logits_callback(self._logits)
+            session.stepped()
+            steps_run += 1
+
+        def synchronise(step_ahead: bool = False) -> bool:
+            """The session's read and settle after the steps queued since the last one; records their times (and the
+            device's idle time in ``sync_seconds``). ``step_ahead``: if no compaction can be due, queue the next step
+            before settling, so that the host's bookkeeping overlaps it. True when the buffers moved (the graph must
+            be captured again)."""
             nonlocal start
             steps = session.unsynced_steps
             if input_ids.is_cuda:
-                torch.cuda.current_stream(input_ids.device).synchronize()  # the sync would wait for them anyway
+                torch.cuda.current_stream(input_ids.device).synchronize()  # the read would wait for them anyway
             drained = time.perf_counter()
-            moved = session.sync()
+            logged = session.read()
+            idle_until = None
+            if step_ahead and session.may_step_before_settling:
+                run_step()
+                idle_until = time.perf_counter()
+            moved = session.settle(logged)
             now = time.perf_counter()
             if steps:
                 self.step_seconds.extend([(now - start) / steps] * steps)
                 self.sync_intervals.append(steps)
-                self.sync_seconds.append(now - drained)
+                self.sync_seconds.append((idle_until or now) - drained)
             start = now
             return moved
 
@@ -166,18 +184,15 @@ class StaticDecoder:
             # The host never waits for a step: it queues them and synchronises only when the session needs it
             # (a compaction is due, or the token log is full).
             start = time.perf_counter()
-            for _ in range(max_new_tokens - 1):
-                if use_graph:
-                    self._replay()
-                else:
-                    self._step()
-                if logits_callback is not None:
-                    logits_callback(self._logits)
-                if session.stepped():
-                    if synchronise():
+            steps_run = 0
+            while steps_run < max_new_tokens - 1:
+                if session.due:
+                    if synchronise(step_ahead=True):
                         self._graph = None  # the buffers moved: capture again
                     if session.finished:
                         break
+                    continue  # a step queued ahead may already make the next synchronisation due
+                run_step()
             synchronise()  # the steps since the last sync
             last = self._ids.view(-1).tolist()
         finally:

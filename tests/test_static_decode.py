@@ -78,6 +78,39 @@ def test_static_path_matches_plain_path_greedy_fp32(device: str, arch: str, fuse
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_steps_queued_before_the_host_settles_change_nothing(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a short token log most synchronisations only read tokens back: the next step is then queued before the
+    host tracks them (``may_step_before_settling``). The result, the lengths after every step and the resident
+    positions must still be the plain path's, through compactions and EOS."""
+    from dynts.static import StaticSession
+
+    model, ids, mask = _models(device, torch.float32)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(5,))
+    plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=90,
+                           do_sample=False, eos_token_id=2, pad_token_id=0)
+    ahead = []
+    settle = StaticSession.settle
+
+    def counting_settle(self, logged):
+        ahead.append(self.unsynced_steps)  # steps queued since the read: 1 when one ran ahead
+        return settle(self, logged)
+
+    monkeypatch.setattr(StaticSession, "settle", counting_settle)
+    fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    decoder = StaticDecoder(model, fast_cache)
+    fast = decoder.generate(ids, attention_mask=mask, max_new_tokens=90, readback_every=3)
+    assert ahead.count(1) >= 5 and ahead.count(0) >= 5, ahead  # both kinds of synchronisation happened
+    assert plain_cache.stats.compactions >= 6
+    assert torch.equal(fast, plain)
+    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
+    assert fast_history[: len(plain_history)] == plain_history
+    for layer in range(2):
+        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
+            assert torch.equal(fast_held[: plain_held.numel()], plain_held)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("fused", [False, True])
 def test_static_path_logits_within_bf16_tolerance(device: str, fused: bool) -> None:
     """bf16, teacher-forced on the plain path's tokens: every step's logits agree within bf16 precision. (Eager
