@@ -227,8 +227,8 @@ class DenseCompressor:
             full = [row for row in full if before[row] > lengths[row] >= self.triggers[row]]
 
     def compact(self, rows: list[int]) -> KeepPlan:
-        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state. One device
-        synchronisation (the plan's counts), before anything moves."""
+        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state. One read-back
+        from the device (the plan's counts), before anything moves."""
         slots, tracker = self.slots, self.tracker
         held = [slots.physical_len_host[row] for row in rows]
         before = self._observed_positions(rows)

@@ -115,7 +115,7 @@ def protected_slots(positions: torch.Tensor, spans: torch.Tensor) -> torch.Tenso
 # ---------------------------------------------------------------------------------------------- which slots
 @dataclass
 class KeepPlan:
-    """Kept slots of the compacted rows, on the scores' device (planning never waits for the device).
+    """Kept slots of the compacted rows, on the scores' device (planning reads nothing back from the device).
 
     keep_index:  [layers_g, rows, heads_g, K] int64, ascending slot indices; entries at j >= keep_count[r] are
                  padding (unspecified). K is the longest compacted row's physical length.
@@ -133,7 +133,7 @@ class KeepPlan:
     nan_scores: torch.Tensor
 
     def read(self) -> tuple[list[int], list[bool]]:
-        """(keep_count, overflow) on the host, in one device synchronisation: the plan's only one. Raises
+        """(keep_count, overflow) on the host, in one read-back: the plan's only one. Raises
         ValueError if a row's scores held NaN (call it before moving anything)."""
         counts, overflow, nan_scores = torch.stack([self.keep_count, self.overflow.long(), self.nan_scores.long()]).tolist()
         if any(nan_scores):
@@ -166,7 +166,7 @@ def select_keep(
     protected: torch.Tensor,
     config: CompressionConfig,
 ) -> KeepPlan:
-    """Choose the kept slots of each row (device work only: nothing here waits for the device).
+    """Choose the kept slots of each row (device work from host-known lengths: nothing is read back).
 
     scores:       [layers_g, rows, heads_g, slots] float, higher = more important (finite or +-inf; NaN is flagged
                   in ``KeepPlan.nan_scores``).
