@@ -45,10 +45,10 @@ class StaticSession:
             stored=self.active.view(-1, 1).clone(), key_len=slots.physical_len + 1,
             query_count=self.active.long(), key_start=torch.zeros(rows, dtype=torch.long, device=device),
         )
-        # Tokens fed since the last sync, one column per step (written inside the step at ``_log_position``).
+        # Tokens fed since the last read, one column per step (written inside the step at ``_log_position``).
         self._log = torch.full((rows, self.readback_every), pad_token_id, dtype=torch.long, device=device)
         self._log_position = torch.zeros(1, dtype=torch.long, device=device)
-        self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last sync
+        self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last settle
         compressor.ensure_capacity(max(compressor.triggers))  # a row reaches its trigger between syncs
         self._unsynced = 0
         self._step_before_settling = False
@@ -104,12 +104,8 @@ class StaticSession:
 
     @property
     def due(self) -> bool:
-        """The host must ``sync`` (or ``read`` and ``settle``) before the next step."""
+        """The host must ``read`` (and ``settle``) before the next step."""
         return self._unsynced >= self._countdown
-
-    def sync(self) -> bool:
-        """``settle(read())``: returns True when the buffers grew (the driver must capture again)."""
-        return self.settle(self.read())
 
     def read(self) -> list[list[int]]:
         """The tokens fed since the last read, per row (one device synchronisation); the token log starts over.
@@ -155,7 +151,7 @@ class StaticSession:
 
     @property
     def finished(self) -> bool:
-        """Every row finished (as of the last sync)."""
+        """Every row finished (as of the last settle)."""
         return all(self.compressor.tracker.finished)
 
     def _plan_next_sync(self) -> None:

@@ -80,8 +80,9 @@ class StaticDecoder:
         # each step gets the mean of the steps between two synchronisations (compactions and host work included).
         self.step_seconds: list[float] = []
         # Steps between two host synchronisations, in order (they add up to len(step_seconds)); a compaction runs in
-        # the synchronisation that ends its interval. sync_seconds: the host time of each of those synchronisations
-        # once the device has run the interval's steps (token bookkeeping, compaction, stats), part of the interval.
+        # the synchronisation that ends its interval. sync_seconds: how long each of those synchronisations held the
+        # device idle once it had run the interval's steps (token bookkeeping, compaction, stats; up to the step queued
+        # ahead when no compaction was due), part of the interval.
         self.sync_intervals: list[int] = []
         self.sync_seconds: list[float] = []
 
