@@ -6,6 +6,8 @@ Triton kernels (``compaction.py``, ``paged.py``, ``attention_score_kernel.py``, 
 ``fused_decode.py``, ``skinny_linear.py``) when Triton is installed: the one dispatch rule and its switch (``DYNTS_KERNELS``,
 ``set_kernel_mode``) are in ``dispatch.py`` and serve ``linear_attention/`` too. Triton is imported only when a kernel
 first runs, so CPU installs without it import this package fine.
+A split-K projection's splits are summed by the last of its programs to finish, in the same launch, through
+per-stream counters (``last_arrival.py``).
 ``custom_ops.py`` registers ``torch.ops.dynts.decode_attention``, the form of ``decode_attention`` that
 ``torch.compile`` traces without a graph break.
 """

@@ -5,14 +5,15 @@ the few activation rows ride along in L2. cuBLAS ran them at 76-86% of the copy 
 the small ones (o_proj, k and v) lowest. Here the weight rows sit on the wide side of the tensor-core product
 (``out^T = W @ x^T``, 64 or 128 weight rows per program against the rows padded to 16-64), the weight tiles stream
 through a software pipeline, and K is split across programs when the output alone has too few blocks to fill the
-GPU (the split count follows the device's multiprocessor count). Two forms:
+GPU (the last split to finish a block of columns sums them in the same launch: ``last_arrival.py``). Two forms:
 
 * ``concat_linear``: ``x @ [W0; W1; W2]^T (+ biases)``, reading up to three weights in place: the q, k and v
   projections in one launch without a concatenated copy of their weights;
 * ``silu_gated_linear``: ``silu(x @ Wg^T) * (x @ Wu^T)``: the gate and up projections and the activation in one
   launch (the intermediate activations are never written).
 
-Launch shapes (weight rows and K per tile, pipeline depth) are autotuned per shape on the card in use. Each
+Launch shapes (weight rows and K per tile, pipeline depth, and for ``concat_linear`` the split count) are
+autotuned per shape on the card in use. Each
 result is rounded where ``F.linear`` and transformers round (the product plus bias once; the gate, the up
 projection, the SiLU and the product each once): only the order of the fp32 sums differs from cuBLAS.
 References: ``reference.concat_linear_reference`` and ``reference.silu_gated_linear_reference``.
@@ -25,13 +26,12 @@ import triton
 import triton.language as tl
 
 from .dispatch import dots_in_float32, interpreting, multiprocessors
+from .last_arrival import arrival_counters, last_to_arrive
 
-MAX_SPLIT_K = 4
-# K per split is a multiple of this (the widest tuned BLOCK_K), so every split walks whole tiles.
+# Splits of K tried with each tile (in the autotuning); K per split is a multiple of SPLIT_K_GRANULE (the widest
+# tuned BLOCK_K), so every split walks whole tiles.
+SPLIT_COUNTS = (1, 2, 3, 4)
 SPLIT_K_GRANULE = 256
-# Output blocks per program the split count aims for, in units of 64 weight rows: one program per multiprocessor.
-_SPLIT_BLOCK_ROWS = 64
-REDUCE_BLOCK = 1024
 
 _CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=4),
@@ -41,7 +41,7 @@ _CONFIGS = [
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 256}, num_warps=4, num_stages=3),
     triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
 ]
-
+_SMALLEST_BLOCK_N = min(config.kwargs["BLOCK_N"] for config in _CONFIGS)
 
 # Shared memory the pipelined tiles of one program may take: below every recent card's per-block limit (A100 163 KB,
 # H100 / H200 227 KB), leaving room for the compiler's own buffers.
@@ -60,7 +60,7 @@ def _fit_stages(weights_per_program: int):
             block_n, block_k = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"]
             per_stage = (weights_per_program * block_n + args["M_PAD"]) * block_k * element
             stages = max(1, min(config.num_stages, 1 + SHARED_MEMORY_BUDGET // per_stage))
-            fitted.setdefault((block_n, block_k, stages), triton.Config(
+            fitted.setdefault((tuple(sorted(config.kwargs.items())), stages), triton.Config(
                 dict(config.kwargs), num_warps=config.num_warps, num_stages=stages))
         return list(fitted.values())
 
@@ -73,10 +73,21 @@ def _tuned(key: list[str], weights_per_program: int):
                            prune_configs_by={"early_config_prune": _fit_stages(weights_per_program)})
 
 
+def _useful_splits(configs, named_args, **kwargs):
+    """An ``early_config_prune`` for tuning the split count: a split count only where fewer splits leave
+    multiprocessors without a program (more would only add partial sums), then ``_fit_stages``."""
+    args = {**named_args, **kwargs}
+    processors = multiprocessors(args["x_ptr"].device, otherwise=1)
+    useful = [config for config in configs
+              if (config.kwargs["SPLIT_K"] - 1) * triton.cdiv(args["N_TOTAL"], config.kwargs["BLOCK_N"]) < processors]
+    return _fit_stages(1)(useful, named_args, **kwargs)
+
+
 @triton.jit
-def _k_range(split, K, k_per_split):
+def _k_range(split, K, SPLIT_K: tl.constexpr, K_GRANULE: tl.constexpr):
+    k_per_split = tl.cdiv(tl.cdiv(K, SPLIT_K), K_GRANULE) * K_GRANULE
     k_begin = split * k_per_split
-    return k_begin, tl.minimum(k_begin + k_per_split, K)
+    return k_begin, tl.minimum(k_begin + k_per_split, K)  # a split past K has nothing to add: its partial is zero
 
 
 @triton.jit
@@ -91,11 +102,11 @@ def _accumulate(acc, w_ptr, stride_w, n, n_mask, x_ptr, stride_x, m, m_mask, k, 
 
 @triton.jit
 def _concat_linear_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr,
-    M, K, N0, N1, N2, N_TOTAL, k_per_split, w_offset1, w_offset2, b_offset1, b_offset2,
+    x_ptr, w_ptr, b_ptr, out_ptr, partial_ptr, counters_ptr,
+    M, K, N0, N1, N2, N_TOTAL, w_offset1, w_offset2, b_offset1, b_offset2,
     stride_x, stride_w, stride_out, stride_partial_split, stride_partial_row,
-    M_PAD: tl.constexpr, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr, K_GRANULE: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Weights 1 and 2 (and their biases) are addressed from weight 0's pointer by element offsets, so that the
     weight a block reads is chosen with integer selects that keep the alignment the loads are vectorised on."""
@@ -115,7 +126,7 @@ def _concat_linear_kernel(
     n_mask = n < size
     m = tl.arange(0, M_PAD)
     m_mask = m < M
-    k_begin, k_end = _k_range(split, K, k_per_split)
+    k_begin, k_end = _k_range(split, K, SPLIT_K, K_GRANULE)
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     for k_start in range(k_begin, k_end, BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)
@@ -127,31 +138,17 @@ def _concat_linear_kernel(
             acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + m[None, :] * stride_out + column[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(partial_ptr + split * stride_partial_split + m[None, :] * stride_partial_row + column[:, None], acc,
-                 mask=mask)
-
-
-@triton.jit
-def _reduce_splits_kernel(
-    partial_ptr, b_ptr, out_ptr, M, N0, N1, N_TOTAL, b_offset1, b_offset2,
-    stride_partial_split, stride_partial_row, stride_out,
-    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    """out = sum of the splits' partial products (in split order) + bias, rounded once."""
-    index = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    row = index // N_TOTAL
-    column = index % N_TOTAL
-    mask = row < M
-    acc = tl.zeros([BLOCK], tl.float32)
-    for split in tl.static_range(SPLIT_K):
-        acc += tl.load(partial_ptr + split * stride_partial_split + row * stride_partial_row + column, mask=mask,
-                       other=0.0)
-    if HAS_BIAS:
-        in1 = column >= N0
-        in2 = column >= N0 + N1
-        offset = tl.where(in2, b_offset2 - N0 - N1, tl.where(in1, b_offset1 - N0, 0))
-        acc += tl.load(b_ptr + offset + column, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + column, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        partial_offsets = m[None, :] * stride_partial_row + column[:, None]
+        tl.store(partial_ptr + split * stride_partial_split + partial_offsets, acc, mask=mask)
+        if last_to_arrive(counters_ptr, block, SPLIT_K):
+            # The splits summed in split order from zero, then the bias: one rounding, as with one split.
+            acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
+            for other in tl.static_range(SPLIT_K):
+                acc += tl.load(partial_ptr + other * stride_partial_split + partial_offsets, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            tl.store(out_ptr + m[None, :] * stride_out + column[:, None], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -184,21 +181,20 @@ def _silu_gated_kernel(
              mask=n_mask[:, None] & m_mask[None, :])
 
 
-_concat_linear_tuned = _tuned(["M_PAD", "K", "N_TOTAL", "SPLIT_K", "HAS_BIAS"], 1)(_concat_linear_kernel)
+# The split count tuned with the tile (the default), or given (``split_k``: tests, benchmarks).
+_concat_linear_tuned = triton.autotune(
+    configs=[triton.Config({**config.kwargs, "SPLIT_K": splits}, num_warps=config.num_warps, num_stages=config.num_stages)
+             for config in (_CONFIGS[:1] if interpreting() else _CONFIGS)
+             for splits in ((1,) if interpreting() else SPLIT_COUNTS)],
+    key=["M_PAD", "K", "N_TOTAL", "HAS_BIAS"], prune_configs_by={"early_config_prune": _useful_splits})(
+    _concat_linear_kernel)
+_concat_linear_given_split = _tuned(["M_PAD", "K", "N_TOTAL", "SPLIT_K", "HAS_BIAS"], 1)(_concat_linear_kernel)
 _silu_gated_tuned = _tuned(["M_PAD", "K", "N", "HAS_BIAS"], 2)(_silu_gated_kernel)
 
 
 def rows_padded(rows: int) -> int:
     """Activation rows as the tensor-core product sees them (at least 16, a power of two)."""
     return max(16, triton.next_power_of_2(rows))
-
-
-def split_count(total_columns: int, device: torch.device) -> int:
-    """Splits of K: about one program per multiprocessor when the output has fewer blocks than that."""
-    if device.type != "cuda":
-        return 1  # the interpreter: tests choose the split count
-    blocks = triton.cdiv(total_columns, _SPLIT_BLOCK_ROWS)
-    return max(1, min(MAX_SPLIT_K, round(multiprocessors(device, otherwise=1) / blocks)))
 
 
 def _element_offsets(tensors: list[torch.Tensor]) -> list[int]:
@@ -213,7 +209,8 @@ def concat_linear(
     split_k: int | None = None,
 ) -> torch.Tensor:
     """Triton path of ``reference.concat_linear_reference`` (checked arguments: x [M, K] with M <= 64, one to three
-    weights [N_i, K], biases all given or none). ``split_k``: splits of K (``split_count`` when None)."""
+    weights [N_i, K], biases all given or none). ``split_k``: splits of K, one of ``SPLIT_COUNTS`` (tuned with the
+    launch shape when None)."""
     rows, depth = x.shape
     sizes = [weight.shape[0] for weight in weights]
     total = sum(sizes)
@@ -224,28 +221,24 @@ def concat_linear(
     out = torch.empty(rows, total, dtype=x.dtype, device=x.device)
     if rows == 0 or total == 0:
         return out
-    splits = split_count(total, x.device) if split_k is None else split_k
-    k_per_split = triton.cdiv(triton.cdiv(depth, splits), SPLIT_K_GRANULE) * SPLIT_K_GRANULE
-    splits = triton.cdiv(depth, k_per_split)  # no split left without K
-    partial = (torch.empty(splits, rows, total, dtype=torch.float32, device=x.device) if splits > 1
-               else out)  # not read or written with one split
+    if split_k is not None and split_k not in SPLIT_COUNTS:
+        raise ValueError(f"split_k must be one of {SPLIT_COUNTS} or None, got {split_k}")
+    # Room for the most splits the tuning may pick (fp32 partial sums; not touched with one split).
+    partial = torch.empty(split_k or max(SPLIT_COUNTS), rows, total, dtype=torch.float32, device=x.device)
+    # One counter per column block (the smallest tuned BLOCK_N gives the most blocks).
+    counters = arrival_counters(x.device, sum(triton.cdiv(size, _SMALLEST_BLOCK_N) for size in sizes))
 
     def grid(meta):
-        return (sum(triton.cdiv(size, meta["BLOCK_N"]) for size in sizes), splits)
+        return (sum(triton.cdiv(size, meta["BLOCK_N"]) for size in sizes), meta["SPLIT_K"])
 
-    _concat_linear_tuned[grid](
-        x, weights[0], biases[0] if has_bias else weights[0], out, partial,
-        rows, depth, *padded_sizes, total, k_per_split, *w_offsets, *b_offsets,
-        x.stride(0), weights[0].stride(0), out.stride(0),
-        partial.stride(0) if splits > 1 else 0, partial.stride(1) if splits > 1 else 0,
-        M_PAD=rows_padded(rows), SPLIT_K=splits, HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype),
+    kernel = _concat_linear_tuned if split_k is None else _concat_linear_given_split
+    kernel[grid](
+        x, weights[0], biases[0] if has_bias else weights[0], out, partial, counters,
+        rows, depth, *padded_sizes, total, *w_offsets, *b_offsets,
+        x.stride(0), weights[0].stride(0), out.stride(0), partial.stride(0), partial.stride(1),
+        M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype), K_GRANULE=SPLIT_K_GRANULE,
+        **({} if split_k is None else {"SPLIT_K": split_k}),
     )
-    if splits > 1:
-        _reduce_splits_kernel[(triton.cdiv(rows * total, REDUCE_BLOCK),)](
-            partial, biases[0] if has_bias else out, out, rows, padded_sizes[0], padded_sizes[1], total, *b_offsets,
-            partial.stride(0), partial.stride(1), out.stride(0),
-            SPLIT_K=splits, HAS_BIAS=has_bias, BLOCK=REDUCE_BLOCK,
-        )
     return out
 
 

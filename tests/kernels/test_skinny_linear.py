@@ -35,9 +35,9 @@ def assert_close_to_reference(got: torch.Tensor, want: torch.Tensor, depth: int)
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("split_k", [1, 2, 3])
+@pytest.mark.parametrize("split_k", [None, 1, 2, 3, 4])
 def test_concat_linear_matches_reference(device, dtype, with_bias, split_k):
-    generator = torch.Generator().manual_seed(split_k * 10 + with_bias)
+    generator = torch.Generator().manual_seed((split_k or 0) * 10 + with_bias)
     rows = pick(device, 5, 20)
     depth = pick(device, 300, 4096 + 320)  # not a multiple of a tile or of a split
     sizes = pick(device, (70, 16, 33), (4096, 1024, 1000))  # the last block of each weight is partial
@@ -100,3 +100,28 @@ def test_projection_arguments_are_checked(call, message):
     x, weight = torch.randn(2, 8), torch.randn(6, 8)
     with pytest.raises(ValueError, match=message):
         call(x, weight)
+
+
+def test_a_split_count_outside_the_tuned_ones_is_refused(device):
+    x, weight = torch.randn(2, 8, device=device), torch.randn(6, 8, device=device)
+    with pytest.raises(ValueError, match=r"split_k must be one of \(1, 2, 3, 4\) or None, got 5"):
+        concat_linear(x, [weight], split_k=5)
+
+
+def test_the_tuning_keeps_every_useful_split_count(monkeypatch):
+    """The split count is tuned with the tile: the pruning keeps each split count while fewer splits would leave
+    multiprocessors without a program, and fitting the pipelines to shared memory must not fold a tile's split
+    counts into one (it did: every shape was tuned among one split only). Compiled configs only on a GPU."""
+    from dynts.kernels import skinny_linear
+
+    monkeypatch.setattr(skinny_linear, "multiprocessors", lambda device, otherwise: 132)
+    x = torch.zeros(20, 4096, dtype=torch.bfloat16)
+    kept = skinny_linear._useful_splits(skinny_linear._concat_linear_tuned.configs,
+                                        {"x_ptr": x, "N_TOTAL": 4096, "M_PAD": 32})
+    shapes = {(config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"]) for config in kept}
+    if skinny_linear.interpreting():
+        assert shapes == {(64, 1)}  # the interpreter runs the first config only
+    else:
+        # 64 blocks of 64 columns: 2 and 3 splits still leave programs short of 132 processors, 4 do not.
+        assert shapes == {(64, 1), (64, 2), (64, 3), (128, 1), (128, 2), (128, 3), (128, 4)}
+    assert len({(tuple(sorted(c.kwargs.items())), c.num_stages) for c in kept}) == len(kept)
