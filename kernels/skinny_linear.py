@@ -13,9 +13,9 @@ GPU (the last split to finish a block of columns sums them in the same launch: `
   launch (the intermediate activations are never written).
 
 Launch shapes (weight rows and K per tile, pipeline depth, and for ``concat_linear`` the split count) are
-autotuned per shape on the card in use. Each
-result is rounded where ``F.linear`` and transformers round (the product plus bias once; the gate, the up
-projection, the SiLU and the product each once): only the order of the fp32 sums differs from cuBLAS.
+autotuned per shape on the card in use. Each result is rounded where ``F.linear`` and transformers round (the
+product plus bias once; the gate, the up projection, the SiLU and the product each once): only the order of the
+fp32 sums differs from cuBLAS.
 References: ``reference.concat_linear_reference`` and ``reference.silu_gated_linear_reference``.
 """
 
