@@ -67,20 +67,31 @@ def _fit_stages(weights_per_program: int):
     return prune
 
 
-def _tuned(key: list[str], weights_per_program: int):
-    """Autotuned over ``_CONFIGS`` on a GPU; the first config under the interpreter (nothing to time there)."""
-    return triton.autotune(configs=_CONFIGS[:1] if interpreting() else _CONFIGS, key=key,
-                           prune_configs_by={"early_config_prune": _fit_stages(weights_per_program)})
-
-
-def _useful_splits(configs, named_args, **kwargs):
+def _useful_splits(then):
     """An ``early_config_prune`` for tuning the split count: a split count only where fewer splits leave
-    multiprocessors without a program (more would only add partial sums), then ``_fit_stages``."""
-    args = {**named_args, **kwargs}
-    processors = multiprocessors(args["x_ptr"].device, otherwise=1)
-    useful = [config for config in configs
-              if (config.kwargs["SPLIT_K"] - 1) * triton.cdiv(args["N_TOTAL"], config.kwargs["BLOCK_N"]) < processors]
-    return _fit_stages(1)(useful, named_args, **kwargs)
+    multiprocessors without a program (more would only add partial sums), then the prune ``then``."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        processors = multiprocessors(args["x_ptr"].device, otherwise=1)
+        useful = [config for config in configs if (config.kwargs["SPLIT_K"] - 1)
+                  * triton.cdiv(args["N_TOTAL"], config.kwargs["BLOCK_N"]) < processors]
+        return then(useful, named_args, **kwargs)
+
+    return prune
+
+
+def _tuned(key: list[str], weights_per_program: int, split_counts: tuple[int, ...] = ()):
+    """Autotuned over ``_CONFIGS`` on a GPU, each crossed with ``split_counts`` (as ``SPLIT_K``) when given; the
+    first config with the first split count under the interpreter (nothing to time there)."""
+    configs = _CONFIGS[:1] if interpreting() else _CONFIGS
+    prune = _fit_stages(weights_per_program)
+    if split_counts:
+        counts = split_counts[:1] if interpreting() else split_counts
+        configs = [triton.Config({**config.kwargs, "SPLIT_K": splits}, num_warps=config.num_warps,
+                                 num_stages=config.num_stages) for config in configs for splits in counts]
+        prune = _useful_splits(prune)
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune})
 
 
 @triton.jit
@@ -182,12 +193,7 @@ def _silu_gated_kernel(
 
 
 # The split count tuned with the tile (the default), or given (``split_k``: tests, benchmarks).
-_concat_linear_tuned = triton.autotune(
-    configs=[triton.Config({**config.kwargs, "SPLIT_K": splits}, num_warps=config.num_warps, num_stages=config.num_stages)
-             for config in (_CONFIGS[:1] if interpreting() else _CONFIGS)
-             for splits in ((1,) if interpreting() else SPLIT_COUNTS)],
-    key=["M_PAD", "K", "N_TOTAL", "HAS_BIAS"], prune_configs_by={"early_config_prune": _useful_splits})(
-    _concat_linear_kernel)
+_concat_linear_tuned = _tuned(["M_PAD", "K", "N_TOTAL", "HAS_BIAS"], 1, SPLIT_COUNTS)(_concat_linear_kernel)
 _concat_linear_given_split = _tuned(["M_PAD", "K", "N_TOTAL", "SPLIT_K", "HAS_BIAS"], 1)(_concat_linear_kernel)
 _silu_gated_tuned = _tuned(["M_PAD", "K", "N", "HAS_BIAS"], 2)(_silu_gated_kernel)
 

@@ -116,8 +116,8 @@ def test_the_tuning_keeps_every_useful_split_count(monkeypatch):
 
     monkeypatch.setattr(skinny_linear, "multiprocessors", lambda device, otherwise: 132)
     x = torch.zeros(20, 4096, dtype=torch.bfloat16)
-    kept = skinny_linear._useful_splits(skinny_linear._concat_linear_tuned.configs,
-                                        {"x_ptr": x, "N_TOTAL": 4096, "M_PAD": 32})
+    tuned = skinny_linear._concat_linear_tuned
+    kept = tuned.early_config_prune(tuned.configs, {"x_ptr": x, "N_TOTAL": 4096, "M_PAD": 32})
     shapes = {(config.kwargs["BLOCK_N"], config.kwargs["SPLIT_K"]) for config in kept}
     if skinny_linear.interpreting():
         assert shapes == {(64, 1)}  # the interpreter runs the first config only
