@@ -76,6 +76,17 @@ def test_chunk_strong_gates_stay_finite(device, variant, op):
     assert_close(op, *run_chunk(op, inputs, variant), *naive_fp32(op, inputs))
 
 
+@pytest.mark.parametrize("op", ["kda", "gdn"])
+def test_chunk_nearly_equal_keys(device, variant, op):
+    """Keys all close to one direction, beta 1 and weak gates: (I + A) is far from the identity (A's entries near 1),
+    so its inverse needs every term of the block series and of the substitution under it. fp32 inputs, so that the
+    error measured is the inverse's (16-bit storage of W and Kd, ill-conditioned here, adds its own)."""
+    inputs = make_inputs(op, 1, 128, 1, 1, 64, 64, device=device, seed=5, gate_scale=0.01)
+    inputs["k"] = inputs["k"][:, :1] + 0.05 * inputs["k"]
+    inputs["beta"] = torch.ones_like(inputs["beta"])
+    assert_close(op, *run_chunk(op, inputs, variant), *naive_fp32(op, inputs))
+
+
 def test_chunk_rejects_unknown_variant():
     inputs = make_inputs("kda", 1, 4, 1, 1, 8, 8)
     with pytest.raises(ValueError, match="variant must be one of sequential_outputs, parallel_outputs"):
