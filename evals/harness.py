@@ -127,13 +127,16 @@ class Setting:
             return self.method
         return f"{self.method}@{self.budget}" + ("" if self.budget_mode == "dynts" else f"/{self.budget_mode}")
 
+    def compression_fields(self) -> dict[str, Any]:
+        """The ``CompressionConfig`` fields this setting sets (keep_ratio only where it has one)."""
+        ratio = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
+        return dict(budget=self.budget, window=self.window, budget_mode=self.budget_mode, buffer=self.buffer, **ratio)
+
     def compression_config(self, think_end: tuple[int, ...] | None = None) -> Any:
         """The ``CompressionConfig`` of a compressed setting (answer protection on when ``think_end`` is known)."""
         from dynts import CompressionConfig
 
-        ratio = {} if self.keep_ratio is None else {"keep_ratio": self.keep_ratio}
-        return CompressionConfig(budget=self.budget, window=self.window, budget_mode=self.budget_mode,
-                                 buffer=self.buffer, think_end=think_end, protect_answer=think_end is not None, **ratio)
+        return CompressionConfig(**self.compression_fields(), think_end=think_end, protect_answer=think_end is not None)
 
 
 @dataclass
@@ -719,10 +722,10 @@ def compression_settings(args: argparse.Namespace, choice: BudgetChoice) -> Any:
     from dynts import CompressionConfig
 
     probe = compressed_setting(args, FULL, choice)
+    # --keep-ratio is checked in every budget mode (a fixed-budget setting has none of its own).
+    fields = {**probe.compression_fields(), "keep_ratio": args.keep_ratio}
     try:
-        return make_settings(CompressionConfig, names={"budget": "the budget"} if choice.origin else None,
-                             budget=probe.budget, window=probe.window, keep_ratio=args.keep_ratio,
-                             budget_mode=probe.budget_mode, buffer=probe.buffer)
+        return make_settings(CompressionConfig, names={"budget": "the budget"} if choice.origin else None, **fields)
     except UsageError as error:
         raise UsageError(f"{choice.origin}: {error}" if choice.origin else str(error)) from error
 
