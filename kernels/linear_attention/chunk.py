@@ -281,9 +281,10 @@ def _unit_lower_inverse_16(b_A, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def _block_series(b_Binv, b_below, identity, DOT_PRECISION: tl.constexpr):
-    """(I + A)^-1 = (I - M + M^2 - M^3) B^-1 for I + A = B (I + M): B^-1 the inverse of A's 4 diagonal blocks
-    (and the identity), ``b_below`` the part of A below them, M = B^-1 below, and M^4 = 0 (strictly block-lower, 4
-    blocks). Horner form, (I - M (I - M (I - M))) B^-1, keeps three tiles live instead of five."""
+    """(I + A)^-1 = (I - M + M^2 - M^3) B^-1 for I + A = B (I + M): ``b_Binv`` is B^-1, the inverse of A's 4
+    diagonal blocks; ``b_below`` the part of A below them; ``identity`` the identity of the tiles' shape;
+    M = B^-1 below, and M^4 = 0 (strictly block-lower, 4 blocks). Horner form, (I - M (I - M (I - M))) B^-1, keeps
+    three tiles live instead of five."""
     b_M = tl.dot(b_Binv, b_below, input_precision=DOT_PRECISION)
     b_series = identity - b_M
     b_series = identity - tl.dot(b_M, b_series, input_precision=DOT_PRECISION)
