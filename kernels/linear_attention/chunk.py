@@ -32,9 +32,12 @@ output itself; final state KDA 0.0017, GDN 0.0004): fp32 state and accumulators;
 are stored in the input dtype (outputs move by < 1e-4; KDA's Kd rounding is most of its state's error, which GDN,
 reading k itself, does not have) while U and P, whose rounding would cost ~0.2% of the output, stay fp32; products
 run on tf32 tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), products
-of two 16-bit operands (GDN's k k^T and q k^T) run in 16 bits, which is exact, and S enters its products with W and
-Qg in the storage dtype (the parallel-outputs variant stores each chunk's starting state in that dtype, the operand
-its output product reads, and V' in fp32 like U).
+of two 16-bit operands (GDN's k k^T and q k^T) run in 16 bits, which is exact, the state update Kd^T V' (128 key
+channels) runs as two 16-bit products, of V''s 16-bit rounding and of the remainder (16 mantissa bits, more than
+tf32's: on the H200 at 1,000 tokens GDN's final-state error is 0.00028, 0.00035 with one tf32 product, 0.00165
+with the rounding alone; KDA's stays 0.0017), and S enters its products with W and Qg in the storage dtype (the
+parallel-outputs variant stores each chunk's starting state in that dtype, the operand its output product reads,
+and V' in fp32 like U).
 
 Variable-length batches: every sequence is cut into its own chunks (``cu_seqlens``); rows past a sequence's end
 are masked on load and store, so chunks never mix sequences.
@@ -568,13 +571,16 @@ def _chunk_state_kernel(
         key_tile = rows[:, None] * (HV * K) + cols_k[None, :]
         value_tile = rows[:, None] * (HV * V) + cols_v[None, :]
         b_w = tl.load(w + row0 * K + key_tile, mask=mask_k, other=0.0)
+        # Kd is loaded transposed ([key channel, row]), the layout its product takes, rather than transposed in
+        # registers.
         if PER_CHANNEL:
-            b_kd = tl.load(kd + row0 * K + key_tile, mask=mask_k, other=0.0).to(tl.float32)
+            b_kd_t = tl.load(kd + row0 * K + cols_k[:, None] + rows[None, :] * (HV * K),
+                             mask=k_ok[:, None] & row_ok[None, :], other=0.0)
             b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)[:, None]
         else:
             # Per-head gate: Kd is k with one scale per row, applied to V' before the product.
-            b_kd = tl.load(k + (chunk_start * H + h) * K + rows[:, None] * (H * K) + cols_k[None, :], mask=mask_k,
-                           other=0.0).to(tl.float32)
+            b_kd_t = tl.load(k + (chunk_start * H + h) * K + cols_k[:, None] + rows[None, :] * (H * K),
+                             mask=k_ok[:, None] & row_ok[None, :], other=0.0)
             k_scale = tl.load(row_scale + row0 * 2 + rows * (HV * 2) + 1, mask=row_ok, other=0.0)
             b_gamma = tl.load(gamma + (first_chunk + i_c) * HV + hv)
         b_u = tl.load(u + row0 * V + value_tile, mask=mask_v, other=0.0)
@@ -596,13 +602,21 @@ def _chunk_state_kernel(
             tl.store(chunk_state + cols_k[:, None] * V + cols_v[None, :], b_S_in.to(chunk_states.dtype.element_ty),
                      mask=state_mask)
             tl.store(new_values + row0 * V + value_tile, b_new, mask=mask_v)
-        if PER_CHANNEL:
-            b_update = b_new
+        b_update = b_new if PER_CHANNEL else b_new * k_scale[:, None]
+        if SIXTEEN_BIT_PRODUCTS and BK == 128:
+            # Kd is 16-bit: the update enters as its 16-bit rounding plus the rounding's remainder, two 16-bit
+            # products that keep 16 mantissa bits of it (tf32 keeps 11) on Kd as stored, where one tf32 product
+            # needed an fp32 copy of Kd (H200, 16k tokens: this pass 1.2-1.3x faster). Only for 128 key channels:
+            # with 64 or 256, Triton 3.6 on the H200 compiled it, for some launch shapes, into a kernel that
+            # faulted (illegal memory access) or wrote wrong outputs; every launch shape of the tuning space at 128
+            # is tested on the GPU (tests/linear_attention/test_launch_configs.py).
+            b_high = b_update.to(b_kd_t.dtype)
+            b_low = (b_update - b_high.to(tl.float32)).to(b_kd_t.dtype)
+            b_S = b_S * b_gamma + tl.dot(b_kd_t, b_high) + tl.dot(b_kd_t, b_low)
         else:
-            b_update = b_new * k_scale[:, None]
-            if ROUND_TF32:
+            if ROUND_TF32 and not PER_CHANNEL:
                 b_update = _round_to_tf32(b_update)
-        b_S = b_S * b_gamma + tl.dot(tl.trans(b_kd), b_update, input_precision=DOT_PRECISION)
+            b_S = b_S * b_gamma + tl.dot(b_kd_t.to(tl.float32), b_update, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
         tl.store(ht + state_offset, b_S, mask=state_mask)
