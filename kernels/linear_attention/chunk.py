@@ -608,8 +608,9 @@ def _chunk_state_kernel(
             # products that keep 16 mantissa bits of it (tf32 keeps 11) on Kd as stored, where one tf32 product
             # needed an fp32 copy of Kd (H200, 16k tokens: this pass 1.2-1.3x faster). Only for 128 key channels:
             # with 64 or 256, Triton 3.6 on the H200 compiled it, for some launch shapes, into a kernel that
-            # faulted (illegal memory access) or wrote wrong outputs; every launch shape of the tuning space at 128
-            # is tested on the GPU (tests/linear_attention/test_launch_configs.py).
+            # faulted (illegal memory access) or wrote wrong outputs. At 128 the GPU tests run every launch shape of
+            # both gate kinds' sequential pass and of KDA's state-only pass (test_launch_configs.py); GDN's
+            # state-only launches ran only in tuning, unchecked.
             b_high = b_update.to(b_kd_t.dtype)
             b_low = (b_update - b_high.to(tl.float32)).to(b_kd_t.dtype)
             b_S = b_S * b_gamma + tl.dot(b_kd_t, b_high) + tl.dot(b_kd_t, b_low)
