@@ -34,8 +34,9 @@ reading k itself, does not have) while U and P, whose rounding would cost ~0.2% 
 run on tf32 tensor cores with operands rounded to nearest (``tf32x3``, fp32-accurate, for fp32 inputs), products
 of two 16-bit operands (GDN's k k^T and q k^T) run in 16 bits, which is exact, the state update Kd^T V' (128 key
 channels) runs as two 16-bit products, of V''s 16-bit rounding and of the remainder (16 mantissa bits, more than
-tf32's: on the H200 at 1,000 tokens GDN's final-state error is 0.00028, 0.00035 with one tf32 product, 0.00165
-with the rounding alone; KDA's stays 0.0017), and S enters its products with W and Qg in the storage dtype (the
+tf32's: on the H200 at 1,000 tokens GDN's final-state error was 0.00028 with V' first rounded to tf32, 0.00035
+with one tf32 product, 0.00165 with the rounding alone; KDA's stays 0.0017; V' is now rounded to tf32 only for
+the P V' output product), and S enters its products with W and Qg in the storage dtype (the
 parallel-outputs variant stores each chunk's starting state in that dtype, the operand its output product reads,
 and V' in fp32 like U).
 
@@ -95,18 +96,21 @@ INTRA_CONFIGS = [  # GDN scores and apply steps in one program: KB key channels 
 ]
 # State pass: BV value channels per program (32: 128 programs for 32 heads on 132 multiprocessors; 16 doubles the
 # programs of a short batch, 64 halves the re-reads of W, Qg, Kd and P). Stages only pipeline 16-bit tiles of up
-# to 128 key channels (``_fit_state``).
-_STATE_LAUNCHES = [(32, 4, 2), (32, 4, 3), (16, 4, 2), (16, 4, 3), (16, 2, 2), (64, 4, 2), (64, 8, 2), (32, 8, 2)]
+# to 128 key channels (``_fit_state``); a third stage hides the loads of the chunk after next (H200, 64k tokens:
+# 1.1-1.2x faster than two). The sequential-outputs pass has no room for 4 stages, or 3 at 64 channels (its Qg and
+# P tiles: more than the 227 KB of shared memory); the state-only pass has.
+_STATE_LAUNCHES = [(32, 4, 2), (32, 4, 3), (16, 4, 2), (16, 4, 3), (16, 2, 2), (16, 2, 3), (64, 4, 2), (32, 8, 2)]
 STATE_CONFIGS = {  # by gate kind, each starting from its measured default (BV, warps, stages)
     per_channel: [triton.Config({"BV": block}, num_warps=warps, num_stages=stages)
                   for block, warps, stages in sorted(_STATE_LAUNCHES, key=lambda launch: launch != default)]
     for per_channel, default in ((True, (32, 4, 2)), (False, (32, 4, 3)))
 }
 # The state-only pass (parallel outputs) holds no output tile, so two programs of 16 value channels may share a
-# multiprocessor, one's products hiding the other's latency. Not measured yet: the first config is the sequential
-# pass's default.
+# multiprocessor, one's products hiding the other's latency (tuning on the H200 at 16k and 64k tokens picked 16
+# channels with 3 stages for both gate kinds); the first config is the sequential pass's default.
 STATE_ONLY_CONFIGS = [triton.Config({"BV": block}, num_warps=warps, num_stages=stages) for block, warps, stages in
-                      [(32, 4, 2), (16, 4, 2), (16, 2, 2), (32, 2, 2), (16, 4, 3), (32, 4, 3), (64, 4, 2), (64, 8, 2)]]
+                      [(32, 4, 2), (16, 4, 2), (16, 2, 2), (16, 2, 3), (32, 2, 2), (16, 4, 3), (32, 4, 3), (32, 4, 4),
+                       (64, 4, 2), (64, 4, 3)]]
 OUTPUT_CONFIGS = [  # parallel output kernel: BV value channels per program (no loop: stages stay at the default)
     triton.Config({"BV": 64}, num_warps=4),
     triton.Config({"BV": 32}, num_warps=4),
@@ -498,10 +502,11 @@ def _chunk_apply_kernel(
 def _chunk_output(
     q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SIXTEEN_BIT_PRODUCTS: tl.constexpr,
+    SIXTEEN_BIT_PRODUCTS: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """One chunk's outputs from its starting state and new values: O = Qg S + P V' (fp32, [64, value block]).
-    ``chunk_start``: the chunk's first token (int64); offsets within the chunk stay int32 (see the state kernel)."""
+    ``chunk_start``: the chunk's first token (int64); offsets within the chunk stay int32 (see the state kernel).
+    V' is rounded to tf32 here, for this product only (P is tf32-exact from kernel 1), off the state's chain."""
     rows = tl.arange(0, 64)
     row0 = chunk_start * HV + hv
     mask_k = row_ok[:, None] & k_ok[None, :]
@@ -517,6 +522,8 @@ def _chunk_output(
     if not PER_CHANNEL:
         b_o = b_o * tl.load(row_scale + row0 * 2 + rows * (HV * 2), mask=row_ok, other=0.0)[:, None]
     b_p = tl.load(p + row0 * 64 + rows[:, None] * (HV * 64) + rows[None, :], mask=row_ok[:, None], other=0.0)
+    if ROUND_TF32:
+        b_new = _round_to_tf32(b_new)
     return b_o + tl.dot(b_p, b_new, input_precision=DOT_PRECISION)
 
 
@@ -533,8 +540,11 @@ def _chunk_state_kernel(
 
     With SEQUENTIAL_OUTPUTS it writes each chunk's outputs as it goes; without, it stores each chunk's starting state
     (in the dtype the output product reads it in) and new values V' for ``_chunk_output_kernel``."""
-    i_seq_head = tl.program_id(0)
-    i_v = tl.program_id(1)
+    # The value blocks of a head are neighbours in launch order, so that they read each chunk's W and Kd tiles at
+    # about the same time, from L2 (H200, GDN 64k tokens: the state-only pass 1.07-1.2x faster than head-major).
+    value_blocks: tl.constexpr = (V + BV - 1) // BV
+    i_seq_head = tl.program_id(0) // value_blocks
+    i_v = tl.program_id(0) % value_blocks
     i_seq = i_seq_head // HV
     hv = i_seq_head % HV
     h = hv // (HV // H)
@@ -591,11 +601,9 @@ def _chunk_state_kernel(
             b_w = b_w.to(tl.float32)
             b_S_in = b_S
         b_new = b_u - tl.dot(b_w, b_S_in, input_precision=DOT_PRECISION)
-        if ROUND_TF32:
-            b_new = _round_to_tf32(b_new)  # P (rounded by kernel 1) and Kd (16-bit) are tf32-exact already
         if SEQUENTIAL_OUTPUTS:
             b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV,
-                                K, PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS)
+                                K, PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS, ROUND_TF32)
             tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
         else:
             chunk_state = chunk_states + ((first_chunk + i_c) * HV + hv) * K * V
@@ -615,8 +623,8 @@ def _chunk_state_kernel(
             b_low = (b_update - b_high.to(tl.float32)).to(b_kd_t.dtype)
             b_S = b_S * b_gamma + tl.dot(b_kd_t, b_high) + tl.dot(b_kd_t, b_low)
         else:
-            if ROUND_TF32 and not PER_CHANNEL:
-                b_update = _round_to_tf32(b_update)
+            if ROUND_TF32:
+                b_update = _round_to_tf32(b_update)  # Kd (16-bit) is tf32-exact already
             b_S = b_S * b_gamma + tl.dot(b_kd_t.to(tl.float32), b_update, input_precision=DOT_PRECISION)
 
     if STORE_FINAL_STATE:
@@ -628,7 +636,7 @@ def _chunk_output_kernel(
     q, qg, p, row_scale, new_values, chunk_states, o, cu_seqlens, chunk_indices, T, chunk_bucket,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     PER_CHANNEL: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    SIXTEEN_BIT_PRODUCTS: tl.constexpr,
+    SIXTEEN_BIT_PRODUCTS: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """Stage 3 (parallel outputs): one chunk, value head and block of value channels per program."""
     i_chunk = tl.program_id(0)
@@ -649,7 +657,7 @@ def _chunk_output_kernel(
     value_tile = rows[:, None] * (HV * V) + cols_v[None, :]
     b_new = tl.load(new_values + row0 * V + value_tile, mask=mask_v, other=0.0)
     b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV, K,
-                        PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS)
+                        PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS, ROUND_TF32)
     tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
 
 
@@ -799,8 +807,8 @@ def chunk_delta_rule_triton(
     def finish(chosen: str) -> None:
         """Stage 2 (and 3) of ``chosen`` over stage 1's results: writes ``out`` and ``final_state``."""
 
-        def state_grid(meta: dict) -> tuple[int, int]:
-            return sequences * value_heads, triton.cdiv(value_dim, meta["BV"])
+        def state_grid(meta: dict) -> tuple[int]:
+            return (sequences * value_heads * triton.cdiv(value_dim, meta["BV"]),)
 
         if chosen == "sequential_outputs":
             _state_launch[per_channel][state_grid](
@@ -821,7 +829,7 @@ def chunk_delta_rule_triton(
         if n_chunks > 0:
             _output_launch[lambda meta: (n_chunks, value_heads, triton.cdiv(value_dim, meta["BV"]))](
                 q, qg, p, row_scale, new_values, chunk_states, out, cu, chunk_indices, length, **buckets,
-                **state_shapes, **products)
+                **state_shapes, **products, ROUND_TF32=sixteen_bit)
 
     if variant is None:
         key = (*state_shapes.values(), q.dtype, *state_flags.values(), buckets["chunk_bucket"], sequence_bucket)

@@ -19,14 +19,17 @@ SPACES = {
     "intra": ("gdn", None, chunk_module.INTRA_CONFIGS),
     "kda_state": ("kda", "sequential_outputs", chunk_module.STATE_CONFIGS[True]),
     "gdn_state": ("gdn", "sequential_outputs", chunk_module.STATE_CONFIGS[False]),
-    # one op each: the block sizes do not meet the gate kind (the kernel tests cover both kinds at the defaults)
+    # both gate kinds: the state update's products differ by kind (see the kernel)
     "kda_state_only": ("kda", "parallel_outputs", chunk_module.STATE_ONLY_CONFIGS),
+    "gdn_state_only": ("gdn", "parallel_outputs", chunk_module.STATE_ONLY_CONFIGS),
+    # one op: the output kernel's block sizes do not meet the gate kind (the kernel tests cover both at the default)
     "gdn_output": ("gdn", "parallel_outputs", chunk_module.OUTPUT_CONFIGS),
 }
 LAUNCHERS = {
     "scores": chunk_module._scores_launch, "apply": chunk_module._apply_launch, "intra": chunk_module._intra_launch,
     "kda_state": chunk_module._state_launch[True], "gdn_state": chunk_module._state_launch[False],
-    "kda_state_only": chunk_module._state_only_launch, "gdn_output": chunk_module._output_launch,
+    "kda_state_only": chunk_module._state_only_launch, "gdn_state_only": chunk_module._state_only_launch,
+    "gdn_output": chunk_module._output_launch,
 }
 
 
