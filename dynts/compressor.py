@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompressionConfig
+from .device import to_device
 from .policy import KeepPlan, OverflowNotice, next_trigger, plan_compaction
 from .scorers.base import CacheView, ModelGeometry, Scorer, Step
 from .slots import SlotTable
@@ -198,7 +199,7 @@ class DenseCompressor:
         pending = self._require_pending()
         device = self.slots.device
         num_new = pending.plan.num_new
-        stored = torch.tensor(pending.plan.stored, dtype=torch.bool, device=device)
+        stored = to_device(pending.plan.stored, device, torch.bool)
         length = self.max_physical_len + num_new
         slot = torch.arange(length, device=device).view(1, 1, -1)
         physical = self.slots.physical_len.view(-1, 1, 1)
@@ -232,7 +233,7 @@ class DenseCompressor:
         slots, tracker = self.slots, self.tracker
         held = [slots.physical_len_host[row] for row in rows]
         before = self._observed_positions(rows)
-        rows_t = torch.tensor(rows, device=slots.device)
+        rows_t = to_device(rows, slots.device)
         with torch.no_grad():
             with self.stopwatch.measure("scoring"):
                 scores = self.scorer.score(rows_t)
@@ -265,11 +266,10 @@ class DenseCompressor:
     def _drop_slots(self, keep: dict[int, list[int]]) -> None:
         """Keep only the listed slots of some rows (padding, masked history): not an eviction, nothing is scored."""
         rows = sorted(keep)
-        width = max(len(keep[row]) for row in rows)
-        keep_index = torch.zeros(1, len(rows), 1, max(width, 1), dtype=torch.long)
-        for i, row in enumerate(rows):
-            keep_index[0, i, 0, : len(keep[row])] = torch.tensor(keep[row], dtype=torch.long)
-        self._apply(rows, keep_index.to(self.slots.device), [len(keep[row]) for row in rows])
+        width = max(1, max(len(keep[row]) for row in rows))
+        table = [keep[row] + [0] * (width - len(keep[row])) for row in rows]  # padding past the keep count
+        keep_index = to_device(table, self.slots.device).view(1, len(rows), 1, width)
+        self._apply(rows, keep_index, [len(keep[row]) for row in rows])
 
     # ------------------------------------------------------------------ static decoding
     def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> StaticSession:
@@ -306,7 +306,7 @@ class DenseCompressor:
         self.slots = SlotTable(
             rows=rows, capacity=capacity, layers_g=1 if granularity == "shared" else self.num_layers,
             heads_g=kv_heads if granularity == "per_kv_head" else 1, num_layers=self.num_layers, kv_heads=kv_heads,
-            device=device, row_start=torch.tensor(row_start),
+            device=device, row_start=to_device(row_start, device),
         )
         self.stopwatch = Stopwatch(torch.device(device))
         if self.scorer.needs_queries and self.query_heads is None:
@@ -333,7 +333,7 @@ class DenseCompressor:
     def _build_step(self, plan: StepPlan, input_ids: torch.Tensor | None) -> Step:
         slots = self.slots
         device, num_new, rows = slots.device, plan.num_new, slots.rows
-        stored = torch.tensor(plan.stored, dtype=torch.bool, device=device).view(rows, num_new)
+        stored = to_device(plan.stored, device, torch.bool).view(rows, num_new)
         positions = (plan.first_column + torch.arange(num_new, device=device)).view(1, -1).expand(rows, -1)
         step = Step(
             input_ids=None if input_ids is None else input_ids.to(device), hidden_states=None,
@@ -346,8 +346,8 @@ class DenseCompressor:
         regular = all(ok and (count in (0, num_new) or length == 0)
                       for ok, count, length in zip(suffix, counts, slots.physical_len_host))
         if regular:
-            step.query_count = torch.tensor(counts, device=device)
-            step.key_start = torch.tensor([num_new - count if 0 < count < num_new else 0 for count in counts], device=device)
+            step.query_count, step.key_start = to_device(
+                [counts, [num_new - count if 0 < count < num_new else 0 for count in counts]], device).unbind(0)
         else:
             step.query_valid = stored
             width = self.max_physical_len + num_new

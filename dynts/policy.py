@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import CompressionConfig
+from .device import to_device
 
 # A protected span that is still open (an answer being written) ends here: larger than any position.
 OPEN_END = 2**62
@@ -97,7 +98,7 @@ def spans_tensor(spans: Sequence[Sequence[Span]], device: torch.device | str) ->
     width = max(1, max((len(row) for row in spans), default=0))
     # Built as a list: one tensor made from it, not one tiny tensor write per span (this runs at every compaction).
     table = [[[start, min(stop, OPEN_END)] for start, stop in row] + [[0, 0]] * (width - len(row)) for row in spans]
-    return torch.tensor(table, dtype=torch.long).view(len(spans), width, 2).to(device)
+    return to_device(table, device).view(len(spans), width, 2)
 
 
 def protected_slots(positions: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:
@@ -186,7 +187,7 @@ def select_keep(
     windows = [min(config.window, length) for length in lengths]
     quotas = [keep_quota(config, length - window) for length, window in zip(lengths, windows)]
     # One host-to-device copy for every per-row count the device needs: length, window, quota.
-    length, window, quota = torch.tensor([lengths, windows, quotas], dtype=torch.long).to(device).unbind(0)
+    length, window, quota = to_device([lengths, windows, quotas], device).unbind(0)
 
     slot = torch.arange(slots, device=device).view(1, 1, 1, slots)
     older_end = (length - window).view(1, rows, 1, 1)

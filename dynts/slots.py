@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import kernels
+from .device import to_device
 
 
 @dataclass
@@ -114,7 +115,7 @@ class SlotTable:
 
     def grow_lengths(self, counts: list[int]) -> None:
         """Add ``counts[row]`` kept tokens to each row's physical length."""
-        self.physical_len += torch.tensor(counts, dtype=torch.long, device=self.device)
+        self.physical_len += to_device(counts, self.device)
         for row, count in enumerate(counts):
             self.physical_len_host[row] += count
 
@@ -137,7 +138,7 @@ class SlotTable:
         Freed slots are marked -1 (their state is reset on reuse). Device work only: the host already knows the
         counts."""
         rows, keep_count = list(rows), list(keep_count)
-        rows_t, keep_count_t = torch.tensor([rows, keep_count], dtype=torch.long).to(self.device).unbind(0)
+        rows_t, keep_count_t = to_device([rows, keep_count], self.device).unbind(0)
         tensors = [self.positions, *(state.tensor for state in self._states.values())]
         kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows_t, keep_index, keep_count_t, check_values=False)
         self.physical_len[rows_t] = keep_count_t

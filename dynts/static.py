@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import check_int
+from .device import to_device
 from .scorers.base import Step
 
 if TYPE_CHECKING:
@@ -37,8 +38,8 @@ class StaticSession:
         device, rows = slots.device, slots.rows
         self.pad_token_id = pad_token_id
         self.readback_every = check_int("readback_every", readback_every, minimum=1)
-        self.active = torch.tensor([not done for done in tracker.finished], device=device)
-        self.eos_token_ids = torch.tensor(sorted(tracker.eos_token_ids), dtype=torch.long, device=device)
+        self.active = to_device([not done for done in tracker.finished], device, torch.bool)
+        self.eos_token_ids = to_device(sorted(tracker.eos_token_ids), device)
         self.step = Step(
             input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
             positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=device),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from . import kernels
+from .device import to_device
 from .slots import grow_slots
 
 
@@ -84,5 +85,5 @@ class KVStorage:
         """Keep, for each of ``rows``, the slots ``keep_index[..., :keep_count]`` of every layer (a
         ``dynts.policy.KeepPlan``'s, valid by construction: moved without a device check; one launch each for K
         and V)."""
-        rows_t, keep_count_t = torch.tensor([list(rows), list(keep_count)], dtype=torch.long).to(self.device).unbind(0)
+        rows_t, keep_count_t = to_device([list(rows), list(keep_count)], self.device).unbind(0)
         kernels.compact_((self.keys, self.values), rows_t, keep_index, keep_count_t, check_values=False)

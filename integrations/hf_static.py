@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AttentionInterface
 
 from .. import kernels
+from ..device import to_device
 from ..modeling import decoder_module
 from .hf import DynTSCache
 from .hf_fused_step import FusedDecodeStep, fused_step_unsupported
@@ -206,9 +207,8 @@ class StaticDecoder:
         # after that (feeding padding): the result ends where the last row to finish emitted its EOS, as generate's.
         eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         width = max(next((index + 1 for index, token in enumerate(row) if token in eos), len(row)) for row in fed)
-        new = torch.full((batch, width), pad_token_id, dtype=input_ids.dtype, device=input_ids.device)
-        for row, tokens in enumerate(fed):
-            new[row, : min(len(tokens), width)] = torch.tensor(tokens[:width], dtype=input_ids.dtype)
+        new = to_device([tokens[:width] + [pad_token_id] * (width - len(tokens)) for tokens in fed], input_ids.device,
+                        input_ids.dtype)
         return torch.cat([input_ids, new], dim=1)
 
     # ------------------------------------------------------------------ one step

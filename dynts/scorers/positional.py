@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from ..config import check_int, check_token_ids
+from ..device import to_device
 from .base import CacheView, Scorer, Step
 
 # SepLLM's separators (Chen et al., 2024): punctuation and line breaks.
@@ -64,7 +65,7 @@ class SepLLMScorer(Scorer):
     def bind(self, view: CacheView) -> None:
         super().bind(view)
         view.slots.add_state(self.STATE, dtype=torch.bool, fill=False)
-        self._separator_ids = torch.tensor(self.separator_ids, device=view.slots.device)
+        self._separator_ids = to_device(self.separator_ids, view.slots.device)
 
     def on_step(self, step: Step) -> None:
         if step.input_ids is None:

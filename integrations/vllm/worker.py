@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ... import kernels
+from ...device import to_device
 from ...policy import OverflowNotice, plan_compaction, request_spans, to_granularity
 from ...scorers import CacheView, ModelGeometry, Scorer, Step
 from ...slots import SlotTable
@@ -86,7 +87,7 @@ class _RequestSlots:
             input_ids=None, hidden_states=None, slots=slots,
             positions=self.logical_len + torch.arange(num_new, device=device).view(1, -1),
             stored=torch.ones(1, num_new, dtype=torch.bool, device=device), key_len=table.physical_len + num_new,
-            query_count=torch.tensor([num_new], device=device), key_start=torch.zeros(1, dtype=torch.long, device=device),
+            query_count=to_device([num_new], device), key_start=torch.zeros(1, dtype=torch.long, device=device),
         )
 
     def commit(self, token_ids: torch.Tensor, hidden_states: torch.Tensor) -> None:
