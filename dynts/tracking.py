@@ -19,13 +19,21 @@ from .policy import OPEN_END, Span
 
 def find_marker(token_ids: Sequence[int], marker: Sequence[int], start: int = 0) -> int | None:
     """Position of the first occurrence of ``marker`` in ``token_ids`` at or after ``start``, or None."""
-    marker = tuple(marker)
+    marker = list(marker)
     if not marker:
         raise ValueError("marker must hold at least one token id")
     ids = list(token_ids)
-    for position in range(start, len(ids) - len(marker) + 1):
-        if tuple(ids[position : position + len(marker)]) == marker:
+    last_start = len(ids) - len(marker) + 1
+    position = start
+    while position < last_start:
+        # list.index finds each candidate first token in C: this runs on every decoded token of every row
+        try:
+            position = ids.index(marker[0], position, last_start)
+        except ValueError:
+            return None
+        if ids[position : position + len(marker)] == marker:
             return position
+        position += 1
     return None
 
 
@@ -35,7 +43,6 @@ class ThinkEndScanner:
     def __init__(self, marker: Sequence[int]) -> None:
         self.marker = tuple(marker)
         self._tail: list[int] = []  # the last len(marker) - 1 tokens fed, to spot a marker split across feeds
-        self._tail_start = 0
 
     def feed(self, tokens: Sequence[int], first_position: int) -> int | None:
         """Scan ``tokens`` (at logical positions ``first_position``...); the marker's start position once found."""
@@ -127,7 +134,10 @@ class SequenceTracker:
             if value and self.row_start[row] is None:
                 self.row_start[row] = first + offset
         kept.extend(real[:input_count])
-        # Generated columns, one at a time (usually one per step).
+        # Generated columns: each kept while the row runs, up to its EOS. The end of thinking is looked for once per
+        # run of consecutive kept columns (a static decode feeds 64 at a time), not once per token.
+        run: list[int] = []
+        run_column = first
         for offset in range(input_count, num_new):
             column = first + offset
             token = None if tokens is None else tokens[offset]
@@ -140,19 +150,29 @@ class SequenceTracker:
             keep = real[offset] and not self.finished[row]
             kept.append(keep)
             if not keep:
+                self._scan_for_answer(row, run, run_column)
+                run = []
                 self._add_range(self.unkept[row], column, column + 1)
                 continue
             if self.row_start[row] is None:
                 self.row_start[row] = column
             if token is None:
                 continue
-            if self.think_end and self.protect_answer and not self._answer_open(row):
-                answer_start = self._scanners[row].feed([token], column)
-                if answer_start is not None:
-                    self.protected_spans[row].append((answer_start, OPEN_END))
+            if not run:
+                run_column = column
+            run.append(token)
             if token in self.eos_token_ids:
                 self.finished[row] = True  # the EOS itself is kept; the row keeps nothing after it
+        self._scan_for_answer(row, run, run_column)
         return kept
+
+    def _scan_for_answer(self, row: int, run: list[int], column: int) -> None:
+        """Open the row's answer span where the end of thinking starts, if ``run`` (tokens kept at consecutive
+        columns from ``column``) holds it (or completes one begun in an earlier run)."""
+        if run and self.think_end and self.protect_answer and not self._answer_open(row):
+            answer_start = self._scanners[row].feed(run, column)
+            if answer_start is not None:
+                self.protected_spans[row].append((answer_start, OPEN_END))
 
     def _answer_open(self, row: int) -> bool:
         spans = self.protected_spans[row]
