@@ -138,12 +138,13 @@ class StaticSession:
         plan = tracker.feed(steps, logged, None)
         lengths = slots.physical_len_host
         grown = [list(accumulate(kept, initial=length))[1:] for length, kept in zip(lengths, plan.stored)]
-        for offset in range(steps - 1):
-            compressor.record_stats([row[offset] for row in grown])
         for row, tokens in enumerate(logged):
             lengths[row] = grown[row][-1]
             self.fed[row].extend(tokens)
         compressor.compact_full_rows()
+        # The steps' stats after the compaction is queued: the host records them while the GPU moves K/V.
+        for offset in range(steps - 1):
+            compressor.record_stats([row[offset] for row in grown])
         capacity = compressor.kv.capacity
         compressor.ensure_capacity(max(compressor.triggers))
         compressor.record_stats()
