@@ -136,8 +136,7 @@ class SequenceTracker:
         kept.extend(real[:input_count])
         # Generated columns: each kept while the row runs, up to its EOS. The end of thinking is looked for once per
         # run of consecutive kept columns (a static decode feeds 64 at a time), not once per token.
-        run: list[int] = []
-        run_column = first
+        run: list[int] = []  # tokens of the kept columns just before this one
         for offset in range(input_count, num_new):
             column = first + offset
             token = None if tokens is None else tokens[offset]
@@ -150,7 +149,7 @@ class SequenceTracker:
             keep = real[offset] and not self.finished[row]
             kept.append(keep)
             if not keep:
-                self._scan_for_answer(row, run, run_column)
+                self._scan_for_answer(row, run, column - len(run))
                 run = []
                 self._add_range(self.unkept[row], column, column + 1)
                 continue
@@ -158,12 +157,10 @@ class SequenceTracker:
                 self.row_start[row] = column
             if token is None:
                 continue
-            if not run:
-                run_column = column
             run.append(token)
             if token in self.eos_token_ids:
                 self.finished[row] = True  # the EOS itself is kept; the row keeps nothing after it
-        self._scan_for_answer(row, run, run_column)
+        self._scan_for_answer(row, run, first + num_new - len(run))
         return kept
 
     def _scan_for_answer(self, row: int, run: list[int], column: int) -> None:
