@@ -617,8 +617,7 @@ def _chunk_state_kernel(
             # needed an fp32 copy of Kd (H200, 16k tokens: this pass 1.2-1.3x faster). Only for 128 key channels:
             # with 64 or 256, Triton 3.6 on the H200 compiled it, for some launch shapes, into a kernel that
             # faulted (illegal memory access) or wrote wrong outputs. At 128 the GPU tests run every launch shape of
-            # both gate kinds' sequential pass and of KDA's state-only pass (test_launch_configs.py); GDN's
-            # state-only launches ran only in tuning, unchecked.
+            # both gate kinds' sequential and state-only passes (test_launch_configs.py).
             b_high = b_update.to(b_kd_t.dtype)
             b_low = (b_update - b_high.to(tl.float32)).to(b_kd_t.dtype)
             b_S = b_S * b_gamma + tl.dot(b_kd_t, b_high) + tl.dot(b_kd_t, b_low)
