@@ -500,13 +500,14 @@ def _chunk_apply_kernel(
 
 @triton.jit
 def _chunk_output(
-    q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok,
+    q, qg, p, q_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, PER_CHANNEL: tl.constexpr, DOT_PRECISION: tl.constexpr,
     SIXTEEN_BIT_PRODUCTS: tl.constexpr, ROUND_TF32: tl.constexpr,
 ):
     """One chunk's outputs from its starting state and new values: O = Qg S + P V' (fp32, [64, value block]).
     ``chunk_start``: the chunk's first token (int64); offsets within the chunk stay int32 (see the state kernel).
-    V' is rounded to tf32 here, for this product only (P is tf32-exact from kernel 1), off the state's chain."""
+    V' is rounded to tf32 here, for this product only (P is tf32-exact from kernel 1), off the state's chain.
+    ``q_scale``: with a per-head gate, the rows' q scales ([64]; unused with a per-channel gate)."""
     rows = tl.arange(0, 64)
     row0 = chunk_start * HV + hv
     mask_k = row_ok[:, None] & k_ok[None, :]
@@ -520,7 +521,7 @@ def _chunk_output(
         b_qg = b_qg.to(tl.float32)
     b_o = tl.dot(b_qg, b_S_in, input_precision=DOT_PRECISION)
     if not PER_CHANNEL:
-        b_o = b_o * tl.load(row_scale + row0 * 2 + rows * (HV * 2), mask=row_ok, other=0.0)[:, None]
+        b_o = b_o * q_scale[:, None]
     b_p = tl.load(p + row0 * 64 + rows[:, None] * (HV * 64) + rows[None, :], mask=row_ok[:, None], other=0.0)
     if ROUND_TF32:
         b_new = _round_to_tf32(b_new)
@@ -569,11 +570,22 @@ def _chunk_state_kernel(
     if USE_INITIAL_STATE:
         b_S = tl.load(h0 + state_offset, mask=state_mask, other=0.0)
 
+    # Each chunk's decay is loaded one chunk ahead: a tiny load the software pipeline does not take, which would
+    # otherwise wait on every chunk's chain.
+    # (Nothing is loaded for an empty sequence; the vector mask is written as a comparison of vectors because
+    # Triton's interpreter rejects a vector mask and-ed with a scalar condition.)
+    if PER_CHANNEL:
+        next_gamma = tl.load(gamma + (first_chunk * HV + hv) * K + cols_k, mask=k_ok & (cols_k < K * n_chunks),
+                             other=0.0)
+    else:
+        next_gamma = tl.load(gamma + first_chunk * HV + hv, mask=n_chunks > 0, other=0.0)
+    pair = tl.arange(0, 2)
     # 64-bit arithmetic once per chunk (a scalar pointer to its first row), int32 offsets within the chunk's tiles:
     # int64 offsets per element spilled registers (sm_90 compile, Triton 3.9, 4 warps, 32 value channels, 16-bit:
     # stack 496 bytes instead of 64 for the sequential-outputs pass, 240 instead of 24 for the state-only one).
     for i_c in range(n_chunks):
         chunk_start = bos + i_c * 64
+        next_chunk = tl.minimum(i_c + 1, n_chunks - 1)  # the last chunk loads its own decay again (unused)
         row_ok = rows < eos - chunk_start
         row0 = chunk_start * HV + hv
         mask_k = row_ok[:, None] & k_ok[None, :]
@@ -586,13 +598,18 @@ def _chunk_state_kernel(
         if PER_CHANNEL:
             b_kd_t = tl.load(kd + row0 * K + cols_k[:, None] + rows[None, :] * (HV * K),
                              mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-            b_gamma = tl.load(gamma + ((first_chunk + i_c) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)[:, None]
+            b_gamma = next_gamma[:, None]
+            next_gamma = tl.load(gamma + ((first_chunk + next_chunk) * HV + hv) * K + cols_k, mask=k_ok, other=0.0)
+            q_scale = 0.0
         else:
             # Per-head gate: Kd is k with one scale per row, applied to V' before the product.
             b_kd_t = tl.load(k + (chunk_start * H + h) * K + cols_k[:, None] + rows[None, :] * (H * K),
                              mask=k_ok[:, None] & row_ok[None, :], other=0.0)
-            k_scale = tl.load(row_scale + row0 * 2 + rows * (HV * 2) + 1, mask=row_ok, other=0.0)
-            b_gamma = tl.load(gamma + (first_chunk + i_c) * HV + hv)
+            # q and k scales of a row are adjacent: one [64, 2] load (pipelined) rather than two strided ones.
+            q_scale, k_scale = tl.split(tl.load(row_scale + row0 * 2 + rows[:, None] * (HV * 2) + pair[None, :],
+                                                mask=row_ok[:, None], other=0.0))
+            b_gamma = next_gamma
+            next_gamma = tl.load(gamma + (first_chunk + next_chunk) * HV + hv)
         b_u = tl.load(u + row0 * V + value_tile, mask=mask_v, other=0.0)
         if SIXTEEN_BIT_PRODUCTS:
             # S meets W and Qg in their 16-bit storage dtype: as accurate as the stored W, twice tf32's speed.
@@ -602,7 +619,7 @@ def _chunk_state_kernel(
             b_S_in = b_S
         b_new = b_u - tl.dot(b_w, b_S_in, input_precision=DOT_PRECISION)
         if SEQUENTIAL_OUTPUTS:
-            b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV,
+            b_o = _chunk_output(q, qg, p, q_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV,
                                 K, PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS, ROUND_TF32)
             tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
         else:
@@ -655,7 +672,10 @@ def _chunk_output_kernel(
     row0 = chunk_start * HV + hv
     value_tile = rows[:, None] * (HV * V) + cols_v[None, :]
     b_new = tl.load(new_values + row0 * V + value_tile, mask=mask_v, other=0.0)
-    b_o = _chunk_output(q, qg, p, row_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV, K,
+    q_scale = 0.0
+    if not PER_CHANNEL:
+        q_scale = tl.load(row_scale + row0 * 2 + rows * (HV * 2), mask=row_ok, other=0.0)
+    b_o = _chunk_output(q, qg, p, q_scale, b_S_in, b_new, chunk_start, row_ok, h, hv, cols_k, k_ok, H, HV, K,
                         PER_CHANNEL, DOT_PRECISION, SIXTEEN_BIT_PRODUCTS, ROUND_TF32)
     tl.store(o + row0 * V + value_tile, b_o.to(o.dtype.element_ty), mask=mask_v)
 
