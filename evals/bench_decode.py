@@ -34,7 +34,8 @@ and step / roofline; peak allocator bytes while decoding (cache storage plus wha
 weights and prefill leftovers excluded); GFLOPs per step. Per model
 and step kind: the scoring + eviction share of decode time and, per compaction, its synchronisation interval's time
 per step over the intervals just before it, and its spike: the compaction step's time (the interval's steps plus
-the excess of its synchronisation over theirs) over an ordinary step's (``compaction_spikes``). JSON, a plot and a
+the excess of its synchronisation over theirs; a synchronisation lasts until the device has also run what it queued,
+a compaction's K/V moves, timed by CUDA events) over an ordinary step's (``compaction_spikes``). JSON, a plot and a
 markdown table (the README's) go to ``--out``; ``--replot JSON`` redraws the plot and table from a saved JSON (on a
 machine without matplotlib the plot is skipped).
 
@@ -425,8 +426,8 @@ def compaction_spikes(step_seconds: list[float], sync_intervals: list[int], sync
     * ``interval_ratio``: its interval's time per step over the neighbours' median (the compaction spread over
       the interval, as the host sees it);
     * ``spike``: the compaction step's time over an ordinary step's at the same held tokens: the interval's steps
-      without their synchronisation, per step, plus the excess of its synchronisation over the neighbours'
-      median one (what the compaction itself added)."""
+      without their synchronisation, per step, plus the excess of its synchronisation (planning, read-back and the
+      K/V moves it queued) over the neighbours' median one (what the compaction itself added)."""
     bounds, first = [], 0
     for count in sync_intervals:
         bounds.append((first, first + count))

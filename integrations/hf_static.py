@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,6 +53,30 @@ def _decode_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, _decode_attention)
+
+
+@dataclass
+class _Sync:
+    """One host synchronisation of a decode run as it happened: the steps it ended, when the device had run them
+    (``drained``), until when it held the device back (``held``: host clock, and a CUDA event on a GPU), when the host
+    was done (``now``), and whether a step was queued ahead of the settle."""
+
+    steps: int
+    drained: float
+    drained_event: torch.cuda.Event | None
+    held: float
+    held_event: torch.cuda.Event | None
+    now: float
+    ahead: bool
+
+
+def _device_mark(device: torch.device) -> torch.cuda.Event | None:
+    """A timing event recorded on the device's current stream (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 class StaticDecoder:
@@ -82,8 +107,9 @@ class StaticDecoder:
         self.step_seconds: list[float] = []
         # Steps between two host synchronisations, in order (they add up to len(step_seconds)); a compaction runs in
         # the synchronisation that ends its interval. sync_seconds: how long each of those synchronisations held the
-        # device idle once it had run the interval's steps (token bookkeeping, compaction, stats; up to the step queued
-        # ahead when no compaction was due), part of the interval.
+        # device back once it had run the interval's steps: the host's work (token bookkeeping, compaction planning,
+        # stats) and, on CUDA, the device work it queued before the next step (a compaction's K/V moves), timed by
+        # CUDA events; up to the step queued ahead when no compaction was due. Part of the interval.
         self.sync_intervals: list[int] = []
         self.sync_seconds: list[float] = []
 
@@ -158,27 +184,24 @@ class StaticDecoder:
             steps_run += 1
 
         def synchronise(step_ahead: bool = False) -> bool:
-            """The session's read and settle after the steps queued since the last one; records their times (and the
-            device's idle time in ``sync_seconds``). ``step_ahead``: if no compaction can be due, queue the next step
-            before settling, so that the host's bookkeeping overlaps it. True when the buffers moved (the graph must
-            be captured again)."""
-            nonlocal start
+            """The session's read and settle after the steps queued since the last one; records when they ran (see
+            ``_record_timings``). ``step_ahead``: if no compaction can be due, queue the next step before settling, so
+            that the host's bookkeeping overlaps it. True when the buffers moved (the graph must be captured again)."""
             steps = session.unsynced_steps
             if input_ids.is_cuda:
                 torch.cuda.current_stream(input_ids.device).synchronize()  # the read would wait for them anyway
-            drained = time.perf_counter()
+            drained, drained_event = time.perf_counter(), _device_mark(input_ids.device)
             logged = session.read()
-            idle_until = None
-            if step_ahead and session.may_step_before_settling:
+            ahead = step_ahead and session.may_step_before_settling
+            if ahead:
+                held = (time.perf_counter(), _device_mark(input_ids.device))  # the device idles until this step
                 run_step()
-                idle_until = time.perf_counter()
             moved = session.settle(logged)
             now = time.perf_counter()
+            if not ahead:
+                held = (now, _device_mark(input_ids.device))  # ... or until the work the settle queued is done
             if steps:
-                self.step_seconds.extend([(now - start) / steps] * steps)
-                self.sync_intervals.append(steps)
-                self.sync_seconds.append((idle_until or now) - drained)
-            start = now
+                syncs.append(_Sync(steps, drained, drained_event, held[0], held[1], now, ahead))
             return moved
 
         try:
@@ -186,6 +209,7 @@ class StaticDecoder:
             # The host never waits for a step: it queues them and synchronises only when the session needs it
             # (a compaction is due, or the token log is full).
             start = time.perf_counter()
+            syncs: list[_Sync] = []
             steps_run = 0
             while steps_run < max_new_tokens - 1:
                 if session.due:
@@ -197,6 +221,7 @@ class StaticDecoder:
                 run_step()
             synchronise()  # the steps since the last sync
             last = self._ids.view(-1).tolist()
+            self._record_timings(start, syncs)
         finally:
             attn_config._attn_implementation = saved_attention
             session.close()
@@ -210,6 +235,24 @@ class StaticDecoder:
         new = to_device([tokens[:width] + [pad_token_id] * (width - len(tokens)) for tokens in fed], input_ids.device,
                         input_ids.dtype)
         return torch.cat([input_ids, new], dim=1)
+
+    def _record_timings(self, start: float, syncs: list[_Sync]) -> None:
+        """``step_seconds``, ``sync_intervals`` and ``sync_seconds`` of the run, once it ended (its CUDA events are
+        read only then, so timing never makes the host wait). A synchronisation holds the device until the step
+        queued ahead, or until the host is done and the device has run what the settle queued (a compaction's K/V
+        moves); its interval ends there, so that a compaction's device work counts in the interval of the
+        synchronisation that queued it, not in the next one."""
+        self.step_seconds, self.sync_intervals, self.sync_seconds = [], [], []
+        for sync in syncs:
+            held = sync.held - sync.drained
+            if sync.held_event is not None:
+                sync.held_event.synchronize()
+                held = max(held, sync.drained_event.elapsed_time(sync.held_event) / 1e3)
+            end = sync.now if sync.ahead else max(sync.now, sync.drained + held)
+            self.step_seconds.extend([(end - start) / sync.steps] * sync.steps)
+            self.sync_intervals.append(sync.steps)
+            self.sync_seconds.append(held)
+            start = end
 
     # ------------------------------------------------------------------ one step
     def _step(self) -> None:

@@ -207,3 +207,82 @@ def test_fused_step_on_triton_kernels_matches_its_reference_path(device: str, ar
     written[:, torch.arange(rows), :, slots] = True  # every layer and KV head of each row's slot
     assert torch.equal(key_cache[~written], initial_keys[~written])
     assert not torch.isclose(key_cache[written], initial_keys[written]).any()
+
+
+class _FakeEvent:
+    """Stands in for a CUDA timing event recorded at ``at`` seconds (device clock = host clock here)."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    def synchronize(self) -> None:
+        pass
+
+    def elapsed_time(self, end: "_FakeEvent") -> float:
+        return 1000 * (end.at - self.at)
+
+
+def test_a_synchronisation_lasts_until_the_device_ran_what_it_queued() -> None:
+    """Hand-computed timeline: start at 0; a read-only sync with a step queued ahead (its interval ends when the host
+    is done); a compaction whose moves run on the device until 2 s after the host finished (its interval ends
+    there, not at the host's end, and the next interval starts there); a sync on the host clock only (CPU)."""
+    from types import SimpleNamespace
+
+    from dynts.integrations.hf_static import _Sync
+
+    syncs = [
+        # 4 steps to 10 s; idle until the step queued ahead at 10.5 s; host done at 12 s
+        _Sync(4, 10.0, _FakeEvent(10.0), 10.5, _FakeEvent(10.5), 12.0, True),
+        # 2 steps to 20 s; host done at 21 s; the moves it queued end at 23 s
+        _Sync(2, 20.0, _FakeEvent(20.0), 21.0, _FakeEvent(23.0), 21.0, False),
+        # 5 steps to 33 s; host done at 34 s; no device clock
+        _Sync(5, 33.0, None, 34.0, None, 34.0, False),
+    ]
+    timing = SimpleNamespace()
+    StaticDecoder._record_timings(timing, 0.0, syncs)
+    assert timing.sync_intervals == [4, 2, 5]
+    assert timing.sync_seconds == pytest.approx([0.5, 3.0, 1.0])
+    assert timing.step_seconds == pytest.approx([3.0] * 4 + [5.5] * 2 + [11 / 5] * 5)  # 12 s / 4, 11 s / 2, 11 s / 5
+    assert sum(timing.step_seconds) == pytest.approx(34.0)  # the intervals tile the run
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device work queued after the host returns)")
+def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compaction that also queues a kernel spinning the GPU for well over 50 ms (the host returns at once): its
+    synchronisation must last that long, and the interval after it must not."""
+    from dynts.compressor import DenseCompressor
+
+    model, ids, mask = _models("cuda", torch.float32)
+    config = CompressionConfig(budget=40, window=8, keep_ratio=0.5, protect_prompt=False)
+    cache = DynTSCache(model, config, scorer=_scorer(model))
+    compact = DenseCompressor.compact
+
+    def slow_compact(self, rows):
+        plan = compact(self, rows)
+        torch.cuda._sleep(200_000_000)
+        return plan
+
+    monkeypatch.setattr(DenseCompressor, "compact", slow_compact)
+    spin = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    spin[0].record()
+    torch.cuda._sleep(200_000_000)
+    spin[1].record()
+    spin[1].synchronize()
+    spin_seconds = spin[0].elapsed_time(spin[1]) / 1000
+    assert spin_seconds > 0.05
+    decoder = StaticDecoder(model, cache)
+    decoder.generate(ids, attention_mask=mask, max_new_tokens=30, readback_every=4, eos_token_id=[])
+    assert cache.stats.compactions >= 1
+    ends = [sum(decoder.sync_intervals[: index + 1]) for index in range(len(decoder.sync_intervals))]
+    held = list(cache.stats.history)  # each row's length after the prefill, then after each step
+    compacting = {index for index, end in enumerate(ends)
+                  if end < len(held) and any(after < before for before, after in zip(held[end - 1], held[end]))}
+    assert compacting, (ends, held)
+    for index, seconds in enumerate(decoder.sync_seconds):
+        if index in compacting:
+            assert seconds >= 0.9 * spin_seconds
+        else:
+            assert seconds < 0.5 * spin_seconds
+            assert decoder.step_seconds[ends[index] - 1] * decoder.sync_intervals[index] < 0.5 * spin_seconds
+
