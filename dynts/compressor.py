@@ -18,7 +18,7 @@ import torch
 
 from .config import CompressionConfig
 from .device import to_device
-from .policy import KeepPlan, OverflowNotice, next_trigger, plan_compaction
+from .policy import KeepPlan, OverflowNotice, Span, next_trigger, plan_compaction
 from .scorers.base import CacheView, ModelGeometry, Scorer, Step
 from .slots import SlotTable
 from .static import StaticSession
@@ -28,6 +28,21 @@ from .tracking import SequenceTracker, StepPlan
 
 # Called after each compaction with (rows, positions held before, positions kept), per row, for layer 0 / head 0.
 CompactionObserver = Callable[[list[int], list[torch.Tensor], list[torch.Tensor]], None]
+
+
+@dataclass
+class PreparedCompaction:
+    """A compaction planned ahead of the host's knowledge: for ``rows`` at physical lengths ``held`` with protected
+    ``spans``. Valid only if the rows due at the next settle, their lengths and spans are exactly these (then the
+    plan is the one ``compact`` would make: the same device work on the same state)."""
+
+    rows: list[int]
+    held: list[int]
+    spans: list[list[Span]]
+    plan: KeepPlan
+
+    def holds(self, rows: list[int], held: list[int], spans: Sequence[Sequence[Span]]) -> bool:
+        return self.rows == rows and self.held == held and self.spans == [list(row) for row in spans]
 
 
 @dataclass
@@ -217,31 +232,37 @@ class DenseCompressor:
         return [] if self.slots is None else self.slots.resident_positions(layer)
 
     # ------------------------------------------------------------------ compaction
-    def compact_full_rows(self) -> None:
+    def compact_full_rows(self, prepared: PreparedCompaction | None = None) -> None:
         """Compact every row at or above its trigger, again while a compaction leaves it there (a prompt far longer
-        than the budget) and still removes tokens."""
+        than the budget) and still removes tokens. ``prepared``: a plan made before the host knew the lengths and
+        spans (``prepare_compaction``), used only if they turned out as assumed."""
         lengths = self.slots.physical_len_host
         full = [row for row, length in enumerate(lengths) if length >= self.triggers[row]]
         while full:
             before = {row: lengths[row] for row in full}
-            self.compact(full)
+            planned = prepared is not None and prepared.holds(full, [lengths[row] for row in full],
+                                                              [self.tracker.protected_spans[row] for row in full])
+            self.compact(full, prepared.plan if planned else None)
+            prepared = None
             full = [row for row in full if before[row] > lengths[row] >= self.triggers[row]]
 
-    def compact(self, rows: list[int]) -> KeepPlan:
-        """Compact ``rows`` now: score their slots, plan with the policy, move K/V and slot state. One read-back
-        from the device (the plan's counts), before anything moves."""
-        slots, tracker = self.slots, self.tracker
+    def prepare_compaction(self, rows: list[int], held: list[int]) -> PreparedCompaction:
+        """Score and plan ``rows`` as if they held ``held`` tokens and their protected spans were the tracker's
+        now: device work queued behind whatever is queued, nothing read back (see ``StaticSession.prepare``)."""
+        spans = [list(self.tracker.protected_spans[row]) for row in rows]
+        return PreparedCompaction(rows, held, spans, self._plan(rows, held, spans))
+
+    def compact(self, rows: list[int], plan: KeepPlan | None = None) -> KeepPlan:
+        """Compact ``rows`` now: score their slots, plan with the policy (unless ``plan``, made for these rows at
+        their current lengths and spans, is given), move K/V and slot state. One read-back from the device (the
+        plan's counts), before anything moves."""
+        slots = self.slots
         held = [slots.physical_len_host[row] for row in rows]
         before = self._observed_positions(rows)
-        rows_t = to_device(rows, slots.device)
+        if plan is None:
+            plan = self._plan(rows, held, [self.tracker.protected_spans[row] for row in rows])
         with torch.no_grad():
-            with self.stopwatch.measure("scoring"):
-                scores = self.scorer.score(rows_t)
             with self.stopwatch.measure("eviction"):
-                plan = plan_compaction(
-                    scores, slots.positions[:, rows_t], held, [tracker.protected_spans[row] for row in rows],
-                    self.config, num_layers=slots.num_layers, kv_heads=slots.kv_heads,
-                )
                 kept, overflow = plan.read()
                 self._apply(rows, plan.keep_index, kept)
         for row, count, overflowed in zip(rows, kept, overflow):
@@ -252,6 +273,16 @@ class DenseCompressor:
             self.compaction_observer(rows, before, self._observed_positions(rows))
         self._overflow.check(overflow)
         return plan
+
+    def _plan(self, rows: list[int], held: list[int], spans: list[list[Span]]) -> KeepPlan:
+        slots = self.slots
+        rows_t = to_device(rows, slots.device)
+        with torch.no_grad():
+            with self.stopwatch.measure("scoring"):
+                scores = self.scorer.score(rows_t)
+            with self.stopwatch.measure("eviction"):
+                return plan_compaction(scores, slots.positions[:, rows_t], held, spans, self.config,
+                                       num_layers=slots.num_layers, kv_heads=slots.kv_heads)
 
     def _observed_positions(self, rows: list[int]) -> list[torch.Tensor] | None:
         if self.compaction_observer is None:

@@ -15,7 +15,7 @@ from .device import to_device
 from .scorers.base import Step
 
 if TYPE_CHECKING:
-    from .compressor import DenseCompressor
+    from .compressor import DenseCompressor, PreparedCompaction
 
 
 class StaticSession:
@@ -53,6 +53,7 @@ class StaticSession:
         compressor.ensure_capacity(max(compressor.triggers))  # a row reaches its trigger between syncs
         self._unsynced = 0
         self._step_before_settling = False
+        self._prepared: PreparedCompaction | None = None
         self._plan_next_sync()
 
     def close(self) -> None:
@@ -108,6 +109,22 @@ class StaticSession:
         """The host must ``read`` (and ``settle``) before the next step."""
         return self._unsynced >= self._countdown
 
+    def prepare(self) -> None:
+        """Before the host waits for the steps queued since the last read: if a row may reach its trigger in them,
+        plan its compaction now, queued behind those steps, assuming that no row was fed an EOS before the last of
+        them (rows still growing by one per step) and that no protected span changed; ``settle`` uses the plan only
+        if that held and plans again otherwise. The host's planning (dozens of small launches) then overlaps the
+        steps still running instead of holding the device idle after them."""
+        self._prepared = None
+        compressor, steps = self.compressor, self._unsynced
+        if self._room > steps:
+            return
+        finished = compressor.tracker.finished
+        held = [length + (0 if done else steps) for length, done in zip(compressor.slots.physical_len_host, finished)]
+        rows = [row for row, length in enumerate(held) if length >= compressor.triggers[row]]
+        if rows:
+            self._prepared = compressor.prepare_compaction(rows, [held[row] for row in rows])
+
     def read(self) -> list[list[int]]:
         """The tokens fed since the last read, per row (one device synchronisation); the token log starts over.
 
@@ -141,7 +158,8 @@ class StaticSession:
         for row, tokens in enumerate(logged):
             lengths[row] = grown[row][-1]
             self.fed[row].extend(tokens)
-        compressor.compact_full_rows()
+        compressor.compact_full_rows(self._prepared)
+        self._prepared = None
         # The steps' stats after the compaction is queued: the host records them while the GPU moves K/V.
         for offset in range(steps - 1):
             compressor.record_stats([row[offset] for row in grown])

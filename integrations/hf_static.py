@@ -188,6 +188,7 @@ class StaticDecoder:
             ``_record_timings``). ``step_ahead``: if no compaction can be due, queue the next step before settling, so
             that the host's bookkeeping overlaps it. True when the buffers moved (the graph must be captured again)."""
             steps = session.unsynced_steps
+            session.prepare()  # a compaction that may be due is planned while the steps run
             if input_ids.is_cuda:
                 torch.cuda.current_stream(input_ids.device).synchronize()  # the read would wait for them anyway
             drained, drained_event = time.perf_counter(), _device_mark(input_ids.device)

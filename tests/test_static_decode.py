@@ -257,8 +257,8 @@ def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytes
     cache = DynTSCache(model, config, scorer=_scorer(model))
     compact = DenseCompressor.compact
 
-    def slow_compact(self, rows):
-        plan = compact(self, rows)
+    def slow_compact(self, rows, plan=None):
+        plan = compact(self, rows, plan)
         torch.cuda._sleep(200_000_000)
         return plan
 
@@ -286,3 +286,45 @@ def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytes
             assert seconds < 0.5 * spin_seconds
             assert decoder.step_seconds[ends[index] - 1] * decoder.sync_intervals[index] < 0.5 * spin_seconds
 
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compactions_planned_ahead_are_used_only_when_their_assumptions_held(
+        device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session plans a compaction before the host has read the interval's tokens (``StaticSession.prepare``).
+    Every other such plan is given a wrong protected span here, as if an end of thinking had been found in the
+    interval: that plan must be discarded and the compaction planned again; the others must be used. Either way
+    the result, the lengths after every step and the resident positions are the plain path's."""
+    from dynts.compressor import DenseCompressor
+
+    model, ids, mask = _models(device, torch.float32)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(5,))
+    plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=90,
+                           do_sample=False, eos_token_id=2, pad_token_id=0)
+    prepare, compact = DenseCompressor.prepare_compaction, DenseCompressor.compact
+    prepared, given = [], []
+
+    def wrong_every_other(self, rows, held):
+        ahead = prepare(self, rows, held)
+        if len(prepared) % 2:
+            ahead.spans[0] = ahead.spans[0] + [(0, 1)]
+        prepared.append(ahead)
+        return ahead
+
+    def spy(self, rows, plan=None):
+        given.append(plan)
+        return compact(self, rows, plan)
+
+    monkeypatch.setattr(DenseCompressor, "prepare_compaction", wrong_every_other)
+    monkeypatch.setattr(DenseCompressor, "compact", spy)
+    fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+    fast = StaticDecoder(model, fast_cache).generate(ids, attention_mask=mask, max_new_tokens=90, readback_every=4)
+    used = [plan for plan in given if plan is not None]
+    assert len(used) >= 2 and len(given) - len(used) >= 2, (len(prepared), len(given), len(used))  # both happened
+    assert all(any(plan is ahead.plan for ahead in prepared[::2]) for plan in used)  # never a wrong one
+    assert torch.equal(fast, plain)
+    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
+    assert fast_history[: len(plain_history)] == plain_history
+    for layer in range(2):
+        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
+            assert torch.equal(fast_held[: plain_held.numel()], plain_held)

@@ -128,6 +128,8 @@ class Scorer:
         """Called after each forward pass, before any compaction."""
 
     def score(self, rows: torch.Tensor) -> torch.Tensor:
+        """Importance of every slot of ``rows``. A pure read of the scorer's state: the static path may call it for a
+        plan it then discards (``StaticSession.prepare``)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
