@@ -26,6 +26,16 @@ def _scorer(model) -> ExternalScorer:
     return ExternalScorer(lambda hidden, ids: hidden.float() @ direction)
 
 
+def _assert_same_run(fast: torch.Tensor, fast_cache: DynTSCache, plain: torch.Tensor, plain_cache: DynTSCache) -> None:
+    """The static path's result, lengths after every step and resident positions are the plain path's."""
+    assert torch.equal(fast, plain)
+    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
+    assert fast_history[: len(plain_history)] == plain_history
+    for layer in range(2):
+        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
+            assert torch.equal(fast_held[: plain_held.numel()], plain_held)
+
+
 def _models(device: str, dtype: torch.dtype, arch: str = "llama"):
     model = tiny_model(arch, "sdpa", layers=2)
     # Norm weights start at 1 and biases at 0: make them matter, so that a step that skipped one would differ.
@@ -102,12 +112,7 @@ def test_steps_queued_before_the_host_settles_change_nothing(device: str, monkey
     fast = decoder.generate(ids, attention_mask=mask, max_new_tokens=90, readback_every=3)
     assert ahead.count(1) >= 5 and ahead.count(0) >= 5, ahead  # both kinds of synchronisation happened
     assert plain_cache.stats.compactions >= 6
-    assert torch.equal(fast, plain)
-    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
-    assert fast_history[: len(plain_history)] == plain_history
-    for layer in range(2):
-        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
-            assert torch.equal(fast_held[: plain_held.numel()], plain_held)
+    _assert_same_run(fast, fast_cache, plain, plain_cache)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -322,9 +327,4 @@ def test_compactions_planned_ahead_are_used_only_when_their_assumptions_held(
     used = [plan for plan in given if plan is not None]
     assert len(used) >= 2 and len(given) - len(used) >= 2, (len(prepared), len(given), len(used))  # both happened
     assert all(any(plan is ahead.plan for ahead in prepared[::2]) for plan in used)  # never a wrong one
-    assert torch.equal(fast, plain)
-    fast_history, plain_history = list(fast_cache.stats.history), list(plain_cache.stats.history)
-    assert fast_history[: len(plain_history)] == plain_history
-    for layer in range(2):
-        for fast_held, plain_held in zip(fast_cache.resident_positions(layer), plain_cache.resident_positions(layer)):
-            assert torch.equal(fast_held[: plain_held.numel()], plain_held)
+    _assert_same_run(fast, fast_cache, plain, plain_cache)
