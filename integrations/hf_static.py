@@ -58,8 +58,9 @@ AttentionInterface.register(ATTENTION_NAME, _decode_attention)
 @dataclass
 class _Sync:
     """One host synchronisation of a decode run as it happened: the steps it ended, when the device had run them
-    (``drained``), until when it held the device back (``held``: host clock, and a CUDA event on a GPU), when the host
-    was done (``now``), and whether a step was queued ahead of the settle."""
+    (``drained``), until when it held the device back (``held``: host clock, and on a GPU a CUDA event recorded after
+    the settle unless a step was queued ahead of it), when the host was done (``now``), and whether a step was queued
+    ahead of the settle."""
 
     steps: int
     drained: float
@@ -195,8 +196,8 @@ class StaticDecoder:
             logged = session.read()
             ahead = step_ahead and session.may_step_before_settling
             if ahead:
-                held = (time.perf_counter(), _device_mark(input_ids.device))  # the device idles until this step
                 run_step()
+                held = (time.perf_counter(), None)  # the device idled until this step was queued
             moved = session.settle(logged)
             now = time.perf_counter()
             if not ahead:

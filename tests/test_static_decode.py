@@ -237,7 +237,7 @@ def test_a_synchronisation_lasts_until_the_device_ran_what_it_queued() -> None:
 
     syncs = [
         # 4 steps to 10 s; idle until the step queued ahead at 10.5 s; host done at 12 s
-        _Sync(4, 10.0, _FakeEvent(10.0), 10.5, _FakeEvent(10.5), 12.0, True),
+        _Sync(4, 10.0, _FakeEvent(10.0), 10.5, None, 12.0, True),
         # 2 steps to 20 s; host done at 21 s; the moves it queued end at 23 s
         _Sync(2, 20.0, _FakeEvent(20.0), 21.0, _FakeEvent(23.0), 21.0, False),
         # 5 steps to 33 s; host done at 34 s; no device clock
