@@ -24,15 +24,16 @@ from .decode_step_checks import (
     check_concat_linear_args, check_rms_norm_args, check_rotary_and_store_args, check_silu_gated_linear_args,
 )
 from .reference import (
-    REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, concat_linear_reference,
-    decode_attention_reference, rms_norm_reference, rotary_and_store_reference, silu_gated_linear_reference,
+    REDUCTIONS, attention_scores_reference, compact_paged_reference_, compact_reference_, compact_ring_reference_,
+    concat_linear_reference, decode_attention_reference, rms_norm_reference, rotary_and_store_reference,
+    silu_gated_linear_reference,
 )
-from .validation import check_compaction_args, check_paged_compaction_args
+from .validation import check_compaction_args, check_paged_compaction_args, check_ring_compaction_args
 
 __all__ = [
-    "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "concat_linear", "decode_attention",
-    "kernel_mode", "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode", "silu_gated_linear",
-    "use_triton",
+    "KERNEL_MODES", "REDUCTIONS", "attention_scores", "compact_", "compact_paged_", "compact_ring_", "concat_linear",
+    "decode_attention", "kernel_mode", "kernels_in_mode", "rms_norm", "rotary_and_store", "set_kernel_mode",
+    "silu_gated_linear", "use_triton",
 ]
 
 # Longest query window one score-kernel call handles; longer windows (a prefill) are split into causal chunks.
@@ -62,6 +63,24 @@ def compact_(
             from .compaction import compact_dense_
 
             compact_dense_(tensor, rows, keep_index, keep_count)
+
+
+def compact_ring_(
+    cache: torch.Tensor | Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+    held: torch.Tensor, start: torch.Tensor, *, check_values: bool = True,
+) -> None:
+    """In place, the ring layout: move each selected row's kept slots to the end of its ``held`` slots, so that a
+    kept tail does not move. See ``reference.compact_ring_reference_``; tensors and checks as in ``compact_``."""
+    caches = [cache] if isinstance(cache, torch.Tensor) else list(cache)
+    rows, keep_index, keep_count, held, start = check_ring_compaction_args(
+        caches, rows, keep_index, keep_count, held, start, check_values=check_values)
+    for tensor in caches:
+        if not use_triton(tensor):
+            compact_ring_reference_(tensor, rows, keep_index, keep_count, held, start)
+        else:
+            from .compaction import compact_ring_ as compact_ring_triton
+
+            compact_ring_triton(tensor, rows, keep_index, keep_count, held, start)
 
 
 def compact_paged_(
@@ -142,15 +161,17 @@ def attention_scores(
 
 
 def decode_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decoding step's attention over each row's first ``lengths`` slots. See
-    ``reference.decode_attention_reference``. No host synchronisation: safe inside a captured CUDA graph."""
+    """One decoding step's attention over each row's first ``lengths`` slots (``start``: the ring layout's per-row
+    start). See ``reference.decode_attention_reference``. No host synchronisation: safe inside a captured CUDA
+    graph."""
     if not use_triton(queries):
-        return decode_attention_reference(queries, keys, values, lengths, scale=scale)
+        return decode_attention_reference(queries, keys, values, lengths, scale=scale, start=start)
     from .decode_attention_kernel import decode_attention as decode_attention_triton
 
-    return decode_attention_triton(queries, keys, values, lengths, scale=scale)
+    return decode_attention_triton(queries, keys, values, lengths, scale=scale, start=start)
 
 
 # Per-layer elementwise work of a Llama / Qwen2 decode step, fused (``fused_decode.py``). Arguments are checked

@@ -1,8 +1,9 @@
 """Triton kernel: one decoding step's attention over ragged rows of the dense cache (flash-decoding).
 
-Each row reads only its first ``lengths[row]`` slots (its physical length), so a compacted cache is cheaper to
-attend to, and the grid depends only on the capacity, so the launch can be captured in a CUDA graph while the
-lengths change on the device. GQA is native: one program serves all query heads of a KV head (no repeated K/V).
+Each row reads only its first ``lengths[row]`` slots (its physical length; in the ring layout of a static session
+they start at the row's ``start`` and wrap around the capacity), so a compacted cache is cheaper to attend to, and
+the grid depends only on the capacity, so the launch can be captured in a CUDA graph while the lengths change on the
+device. GQA is native: one program serves all query heads of a KV head (no repeated K/V).
 
 Split-K: program (split, kv_head, row) runs an online softmax over its share of the row's slots and writes a
 partial output and log-sum-exp; a second kernel merges the splits. The number of splits is fixed per launch (enough
@@ -39,8 +40,8 @@ def decode_splits(rows: int, kv_heads: int, slots: int, device: torch.device) ->
 
 @triton.jit
 def _decode_partial_kernel(
-    q_ptr, k_ptr, v_ptr, lengths_ptr, out_ptr, lse_ptr,
-    scale,
+    q_ptr, k_ptr, v_ptr, lengths_ptr, start_ptr, out_ptr, lse_ptr,
+    scale, capacity,
     stride_q_batch, stride_q_head,
     stride_k_batch, stride_k_head, stride_k_slot,
     stride_v_batch, stride_v_head, stride_v_slot,
@@ -48,12 +49,15 @@ def _decode_partial_kernel(
     stride_lse_batch, stride_lse_head, stride_lse_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
     VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FLOAT32: tl.constexpr,
+    DOT_FLOAT32: tl.constexpr, RING: tl.constexpr,
 ):
     split = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     row = tl.program_id(2).to(tl.int64)
     length = tl.load(lengths_ptr + row)
+    first = 0
+    if RING:
+        first = tl.load(start_ptr + row)
     # This row's share per split, whole blocks: the splits divide the row's length, not the capacity.
     split_slots = tl.cdiv(tl.cdiv(length, NUM_SPLITS), BLOCK_N) * BLOCK_N
     start = split * split_slots
@@ -75,6 +79,9 @@ def _decode_partial_kernel(
     for block_start in range(start, end, BLOCK_N):
         slot = block_start + tl.arange(0, BLOCK_N)
         slot_mask = slot < end
+        if RING:  # slot s at physical index (first + s) % capacity, wrapped at most once
+            physical = first + slot
+            slot = tl.where(physical >= capacity, physical - capacity, physical)
         k = tl.load(k_base + slot[:, None] * stride_k_slot + feature[None, :],
                     mask=slot_mask[:, None] & (feature[None, :] < DIM), other=0.0)
         if DOT_FLOAT32:
@@ -130,7 +137,7 @@ def _decode_merge_kernel(
 
 def decode_attention(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float,
-    num_splits: int | None = None,
+    num_splits: int | None = None, start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton path of ``decode_attention_reference`` (same arguments and result). ``num_splits``: splits per (row,
     KV head), ``decode_splits`` when None."""
@@ -149,7 +156,7 @@ def decode_attention(
     partial = torch.empty(batch, q_heads, num_splits, value_dim, dtype=torch.float32, device=queries.device)
     lse = torch.empty(batch, q_heads, num_splits, dtype=torch.float32, device=queries.device)
     _decode_partial_kernel[(num_splits, kv_heads, batch)](
-        queries, keys, values, lengths, partial, lse, scale,
+        queries, keys, values, lengths, lengths if start is None else start, partial, lse, scale, slots,
         queries.stride(0), queries.stride(1),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
@@ -158,7 +165,7 @@ def decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), DIM=dim,
         BLOCK_DIM=triton.next_power_of_2(dim), VALUE_DIM=value_dim, BLOCK_VALUE_DIM=triton.next_power_of_2(value_dim),
         NUM_SPLITS=num_splits, BLOCK_N=BLOCK_SLOTS,
-        DOT_FLOAT32=dots_in_float32(queries.dtype), num_stages=PIPELINE_STAGES,
+        DOT_FLOAT32=dots_in_float32(queries.dtype), RING=start is not None, num_stages=PIPELINE_STAGES,
     )
     out = torch.empty(batch, q_heads, value_dim, dtype=queries.dtype, device=queries.device)
     _decode_merge_kernel[(q_heads, batch)](

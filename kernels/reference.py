@@ -43,6 +43,35 @@ def compact_reference_(cache: torch.Tensor, rows: torch.Tensor, keep_index: torc
     cache[:, rows, :, : index.shape[-1]] = kept
 
 
+def compact_ring_reference_(
+    cache: torch.Tensor, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor, held: torch.Tensor,
+    start: torch.Tensor,
+) -> None:
+    """Compact the selected rows of a ring-laid-out cache in place, keeping the end of each row where it is.
+
+    Ring layout: slot s (in logical order) of row b lives at physical index ``(start[b] + s) % slots``.
+    cache, rows, keep_index, keep_count: as in ``compact_reference_``, keep_index < held[r].
+    held:  [R] int64, each compacted row's length before the compaction.
+    start: [R] int64 in [0, slots), each compacted row's ring start.
+
+    The kept slots move to the end of the held range: after the call, the physical index of slot
+    ``held[r] - keep_count[r] + j`` holds what slot ``keep_index[.., r, .., j]`` held, for ``j < keep_count[r]``; so a
+    kept tail (the local window) does not move. The caller then advances the row's start by ``held - keep_count``
+    (the row's slots are numbered from the first kept one again). Every other physical index is unchanged.
+    """
+    layers, _, heads, slots, dim = cache.shape
+    if keep_index.shape[-1] == 0 or rows.numel() == 0:
+        return
+    index = keep_index.expand(layers, -1, heads, -1)
+    for request, (row, count, length, first) in enumerate(
+        zip(rows.tolist(), keep_count.tolist(), held.tolist(), start.tolist())
+    ):
+        source = (first + index[:, request, :, :count]) % slots  # [L, H, count]
+        destination = (first + length - count + torch.arange(count, device=cache.device)) % slots
+        values = torch.gather(cache[:, row], 2, source.unsqueeze(-1).expand(-1, -1, -1, dim))  # a copy: reads first
+        cache[:, row, :, destination] = values
+
+
 
 def compact_paged_reference_(
     kv_caches: Sequence[torch.Tensor], block_table: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor
@@ -171,16 +200,23 @@ def attention_scores_reference(
 
 
 def decode_attention_reference(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor, *, scale: float,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decoding step's attention over each row's first ``lengths[b]`` cached slots (GQA, no padding mask).
 
     queries: [batch, q_heads, dim]; keys: [batch, kv_heads, slots, dim]; values: [batch, kv_heads, slots, value_dim]
     (strided views of the storage are fine); lengths: [batch] int64 >= 1. Returns [batch, q_heads, value_dim] in
     the queries' dtype; softmax in fp32.
+    start: None (slot s at physical index s), or [batch] int64 in [0, slots): the ring layout, slot s of row b at
+    physical index ``(start[b] + s) % slots`` (see ``compact_ring_reference_``).
     """
     batch, q_heads, _ = queries.shape
     kv_heads, slots = keys.shape[1], keys.shape[2]
+    if start is not None:  # back to slot order, then the same computation
+        physical = (start.view(batch, 1) + torch.arange(slots, device=keys.device).view(1, slots)) % slots
+        keys = torch.gather(keys, 2, physical.view(batch, 1, slots, 1).expand(-1, kv_heads, -1, keys.shape[-1]))
+        values = torch.gather(values, 2, physical.view(batch, 1, slots, 1).expand(-1, kv_heads, -1, values.shape[-1]))
     group = q_heads // kv_heads
     q = queries.float().view(batch, kv_heads, group, -1)
     logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, Hkv, G, S]

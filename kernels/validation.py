@@ -61,6 +61,47 @@ def check_compaction_args(
     """Validate the arguments of ``compact_`` (dense layout; several tensors compacted alike share their batch,
     slots and device); returns rows, keep_index, keep_count as int64 on the caches' device. ``check_values=False``
     checks shapes only (no device synchronisation)."""
+    rows, keep_index, keep_count, flags, messages = _dense_compaction_args(caches, rows, keep_index, keep_count,
+                                                                           check_values)
+    _raise_on_failed(flags, messages)
+    return rows, keep_index, keep_count
+
+
+def check_ring_compaction_args(
+    caches: Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+    held: torch.Tensor, start: torch.Tensor, *, check_values: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate the arguments of ``compact_ring_``: those of ``compact_`` plus, per compacted row, ``held`` in
+    [keep_count, slots], ``start`` in [0, slots) and kept indices below ``held``; returns rows, keep_index,
+    keep_count, held, start as int64 on the caches' device (one device synchronisation for all value checks)."""
+    rows, keep_index, keep_count, flags, messages = _dense_compaction_args(caches, rows, keep_index, keep_count,
+                                                                           check_values)
+    _check_integer("held", held, 1)
+    _check_integer("start", start, 1)
+    row_count, slots = rows.numel(), caches[0].shape[3]
+    for name, tensor in (("held", held), ("start", start)):
+        if tensor.numel() != row_count:
+            raise ValueError(f"{name} must have one entry per row (R = {row_count}), got {tensor.numel()}")
+    held, start = (t.to(device=rows.device, dtype=torch.long) for t in (held, start))
+    if row_count and check_values:
+        width = keep_index.shape[-1]
+        valid = torch.arange(width, device=rows.device) < keep_count.view(1, -1, 1, 1)
+        flags["held"] = ((held >= keep_count) & (held <= slots)).all()
+        flags["start"] = ((start >= 0) & (start < slots)).all()
+        flags["keep_below_held"] = ((keep_index < held.view(1, -1, 1, 1)) | ~valid).all()
+    _raise_on_failed(flags, messages | {
+        "held": f"held must be, per row, in [keep_count, slots={slots}]",
+        "start": f"start must be, per row, in [0, slots={slots})",
+        "keep_below_held": "keep_index must hold, for j < keep_count[r], slot indices below held[r]",
+    })
+    return rows, keep_index, keep_count, held, start
+
+
+def _dense_compaction_args(
+    caches: Sequence[torch.Tensor], rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+    check_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, str]]:
+    """Shape checks (raised now) and device-side value flags (raised by the caller, in one sync) of a compaction."""
     if len(caches) == 0:
         raise ValueError("compact_ needs at least one cache tensor")
     _check_integer("rows", rows, 1)
@@ -85,12 +126,12 @@ def check_compaction_args(
         flags["rows"] = (ordered_rows[0] >= 0) & (ordered_rows[-1] < batch) & (ordered_rows.diff() > 0).all()
         if width:
             flags.update(_keep_flags(keep_index, keep_count, slots))
-    _raise_on_failed(flags, {
+    messages = {
         "rows": f"rows must hold distinct batch indices in [0, batch={batch})",
         "keep_count": f"keep_count entries must be in [0, K={width}]",
         "keep_index": f"keep_index must hold, for j < keep_count[r], strictly increasing slot indices in [0, slots={slots})",
-    })
-    return rows, keep_index, keep_count
+    }
+    return rows, keep_index, keep_count, flags, messages
 
 
 def check_paged_compaction_args(

@@ -9,10 +9,12 @@ pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts
 
 from kernel_cases import pick, random_cache, random_keep  # noqa: E402
 
-from dynts.kernels.compaction import compact_dense_  # noqa: E402
+from dynts.kernels.compaction import compact_dense_, compact_ring_  # noqa: E402
 from dynts.kernels.paged import compact_paged_  # noqa: E402
-from dynts.kernels.reference import compact_paged_reference_, compact_reference_  # noqa: E402
-from dynts.kernels.validation import check_compaction_args, check_paged_compaction_args  # noqa: E402
+from dynts.kernels.reference import compact_paged_reference_, compact_reference_, compact_ring_reference_  # noqa: E402
+from dynts.kernels.validation import (  # noqa: E402
+    check_compaction_args, check_paged_compaction_args, check_ring_compaction_args,
+)
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -97,6 +99,105 @@ def test_dense_leaves_other_rows_and_strided_views(device):
     run_dense(keys, torch.tensor([1]), keep, torch.tensor(counts, device=device))
     assert torch.equal(buffer[:, 1], before[:, 1])
     assert torch.equal(buffer[:, 0, [0, 2]], before[:, 0, [0, 2]])
+
+
+# ---------------------------------------------------------------------------------------------- ring layout
+def ring_keep(lists, held, counts, tail, generator, width):
+    """[lists, R, width] keep lists below each row's ``held``: a random prefix, a random middle and the last
+    ``tail[r]`` slots (the local window), ``counts[r]`` in all; entries past the count are garbage."""
+    index = torch.full((lists, len(held), width), 10**6, dtype=torch.long)
+    for list_id in range(lists):
+        for row, (length, count, kept_tail) in enumerate(zip(held, counts, tail)):
+            middle = count - kept_tail
+            prefix = int(torch.randint(0, middle + 1, (1,), generator=generator))
+            chosen = torch.randperm(length - kept_tail - prefix, generator=generator)[: middle - prefix] + prefix
+            index[list_id, row, :count] = torch.cat([
+                torch.arange(prefix), chosen.sort().values, torch.arange(length - kept_tail, length)])
+    return index
+
+
+def unrolled(cache, start):
+    """Each row's slots in ring order: slot s of row b read at physical (start[b] + s) % slots."""
+    slots = cache.shape[3]
+    physical = (start.view(1, -1, 1, 1) + torch.arange(slots, device=cache.device).view(1, 1, 1, -1)) % slots
+    return torch.gather(cache, 3, physical.unsqueeze(-1).expand(cache.shape[0], -1, cache.shape[2], -1, cache.shape[4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("keep_layers,keep_heads", [(False, False), (True, True)])
+def test_ring_matches_reference_and_keeps_the_window_in_place(device, dtype, keep_layers, keep_heads):
+    """The ring compaction against its reference (rows wrapping around the capacity, a row with nothing kept, a row
+    keeping everything, several chunk sizes), and the reference against the dense one it mirrors: read in ring order
+    from the new start (start + held - keep_count), a row holds exactly what dense compaction of the same slots
+    holds; the physical slots of the kept window are untouched."""
+    generator = torch.Generator().manual_seed(7)
+    layers, batch, heads, slots, dim = pick(device, (2, 5, 2, 41, 16), (4, 6, 8, 3001, 128))
+    held = pick(device, [37, 20, 41, 12], [2900, 1500, 3001, 800])
+    counts = pick(device, [15, 0, 41, 7], [1300, 0, 3001, 500])
+    tail = pick(device, [6, 0, 41, 3], [600, 0, 3001, 200])
+    start = torch.tensor(pick(device, [30, 3, 0, 40], [2500, 17, 0, 3000]))  # the first and last rows wrap
+    rows = torch.tensor([4, 0, 2, 1])
+    width = min(max(counts) + 2, slots)
+    lists = (layers if keep_layers else 1, heads if keep_heads else 1)
+    keep = ring_keep(lists[0] * lists[1], held, counts, tail, generator, width)
+    keep = keep.view(lists[0], lists[1], len(held), width).transpose(1, 2).contiguous()
+    args = [t.to(device) for t in (rows, keep, torch.tensor(counts), torch.tensor(held), start)]
+    for block_tokens in pick(device, (1, 4, None), (64, None)):
+        cache = random_cache((layers, batch, heads, slots, dim), dtype, device, generator)
+        before = cache.clone()
+        expected = cache.clone()
+        compact_ring_reference_(expected, *args)
+        compact_ring_(cache, *check_ring_compaction_args([cache], *args), block_tokens=block_tokens)
+        assert torch.equal(cache, expected)
+
+    dense = unrolled(before, args[4].new_zeros(batch).index_copy(0, args[0], args[4]))
+    compact_reference_(dense, *args[:3])
+    new_start = (start + torch.tensor(held) - torch.tensor(counts)) % slots
+    ring_order = unrolled(expected, args[4].new_zeros(batch).index_copy(0, args[0], new_start.to(device)))
+    for request, (row, count, length, kept_tail) in enumerate(zip(rows.tolist(), counts, held, tail)):
+        assert torch.equal(ring_order[:, row, :, :count], dense[:, row, :, :count])
+        window = (start[request] + torch.arange(length - kept_tail, length)) % slots
+        assert torch.equal(expected[:, row, :, window.to(device)], before[:, row, :, window.to(device)])
+    untouched = [row for row in range(batch) if row not in rows.tolist()]
+    assert torch.equal(expected[:, untouched], before[:, untouched])
+
+
+def test_ring_worst_aliasing(device):
+    """Keep every other slot, and keep all but the last slot: every kept slot moves onto a neighbour's source (the
+    mirror of the dense case), across the wrap."""
+    layers, batch, heads, slots, dim = pick(device, (1, 2, 2, 64, 16), (8, 2, 8, 4096, 128))
+    generator = torch.Generator().manual_seed(13)
+    every_other = torch.arange(0, slots - 1, 2)
+    all_but_last = torch.arange(0, slots - 1)
+    width = all_but_last.numel()
+    keep = torch.full((1, 2, 1, width), 0, dtype=torch.long)
+    keep[0, 0, 0, : every_other.numel()] = every_other
+    keep[0, 1, 0] = all_but_last
+    args = [torch.tensor([0, 1]), keep, torch.tensor([every_other.numel(), width]), torch.tensor([slots, slots]),
+            torch.tensor([slots // 3, slots - 5])]
+    args = [t.to(device) for t in args]
+    for block_tokens in pick(device, (4, None), (16, 64, None)):
+        cache = random_cache((layers, batch, heads, slots, dim), torch.float16, device, generator)
+        expected = cache.clone()
+        compact_ring_reference_(expected, *args)
+        compact_ring_(cache, *check_ring_compaction_args([cache], *args), block_tokens=block_tokens)
+        assert torch.equal(cache, expected)
+
+
+def test_ring_arguments_are_checked_by_name(device):
+    from dynts import kernels
+
+    cache = torch.zeros(1, 2, 1, 10, 4, device=device)
+    keep = torch.tensor([[[[1, 2, 3]]]], device=device)
+    rows, count = torch.tensor([0]), torch.tensor([3])
+    with pytest.raises(ValueError, match=r"held must be, per row, in \[keep_count, slots=10\]"):
+        kernels.compact_ring_(cache, rows, keep, count, torch.tensor([11]), torch.tensor([0]))
+    with pytest.raises(ValueError, match=r"start must be, per row, in \[0, slots=10\)"):
+        kernels.compact_ring_(cache, rows, keep, count, torch.tensor([5]), torch.tensor([10]))
+    with pytest.raises(ValueError, match="slot indices below held"):
+        kernels.compact_ring_(cache, rows, keep, count, torch.tensor([3]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="held must have one entry per row"):
+        kernels.compact_ring_(cache, rows, keep, count, torch.tensor([5, 5]), torch.tensor([0]))
 
 
 def paged_case(device, dtype, generator, *, layers, num_blocks, block_size, heads, dim, counts, stacked):

@@ -55,3 +55,35 @@ def test_decode_attention_rejects_zero_splits(device: str) -> None:
     keys = torch.randn(2, 4, 10, 64, device=device)
     with pytest.raises(ValueError, match="num_splits must be >= 1, got 0"):
         decode_attention(queries, keys, keys, torch.tensor([3, 4], device=device), scale=0.125, num_splits=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_in_the_ring_layout(device: str, dtype: torch.dtype) -> None:
+    """Rows whose slots start at ``start`` and wrap around the capacity: the same result as the plain layout holding
+    the slots in order (the reference against itself on an unrolled copy, then the kernel against the reference);
+    physical slots outside a row's ring range are never read."""
+    generator = torch.Generator().manual_seed(5)
+    batch, kv_heads, group, dim = 4, pick(device, 2, 8), 4, 64
+    capacity = pick(device, 5 * BLOCK_SLOTS + 7, 40 * BLOCK_SLOTS + 7)
+    keys = torch.randn(batch, kv_heads, capacity, dim, generator=generator).to(device=device, dtype=dtype)
+    values = torch.randn(batch, kv_heads, capacity, dim, generator=generator).to(device=device, dtype=dtype)
+    queries = torch.randn(batch, kv_heads * group, dim, generator=generator).to(device=device, dtype=dtype)
+    lengths = torch.tensor([capacity, 3 * BLOCK_SLOTS + 5, 1, 2 * BLOCK_SLOTS], device=device)
+    start = torch.tensor([capacity // 2, capacity - 2 * BLOCK_SLOTS, capacity - 1, 0], device=device)
+    physical = (start.view(-1, 1) + torch.arange(capacity, device=device).view(1, -1)) % capacity
+    in_order = [torch.gather(t, 2, physical.view(batch, 1, capacity, 1).expand_as(t)) for t in (keys, values)]
+    scale = dim**-0.5
+    want = decode_attention_reference(queries, *in_order, lengths, scale=scale)
+    torch.testing.assert_close(decode_attention_reference(queries, keys, values, lengths, scale=scale, start=start),
+                               want, atol=0, rtol=0)
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for num_splits in (None, 1, 5):
+        got = decode_attention(queries, keys, values, lengths, scale=scale, num_splits=num_splits, start=start)
+        torch.testing.assert_close(got.float(), want.float(), atol=tolerance, rtol=tolerance)
+    ordinal = torch.arange(capacity, device=device).view(1, -1)
+    held = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+    held.scatter_(1, physical, ordinal < lengths.view(-1, 1))
+    keys.masked_fill_(~held.view(batch, 1, capacity, 1), float("nan"))
+    values.masked_fill_(~held.view(batch, 1, capacity, 1), float("nan"))
+    again = decode_attention(queries, keys, values, lengths, scale=scale, start=start)
+    torch.testing.assert_close(again.float(), want.float(), atol=tolerance, rtol=tolerance)
