@@ -291,7 +291,8 @@ class DenseCompressor:
         return [table[row, : self.slots.physical_len_host[row]].cpu() for row in rows]
 
     def _apply(self, rows: list[int], keep_index: torch.Tensor, kept: list[int]) -> None:
-        self.kv.compact(rows, keep_index, kept)
+        held = [self.slots.physical_len_host[row] for row in rows]
+        self.kv.compact(rows, keep_index, kept, held)
         self.slots.compact(rows, keep_index, kept)
 
     def _drop_slots(self, keep: dict[int, list[int]]) -> None:
@@ -347,7 +348,7 @@ class DenseCompressor:
             scale=self.scale if self.scale is not None else key_dim**-0.5,
         )
         kv = self.kv
-        self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=lambda layer: kv.keys[layer]))
+        self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=kv.keys_in_slot_order))
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the K/V storage and the slot table to hold ``needed`` slots per row (rarely: buffers then move)."""

@@ -5,6 +5,7 @@ Integration-independent: ``integrations/hf_static.py`` (``StaticDecoder``) drive
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import accumulate
 from typing import TYPE_CHECKING
 
@@ -22,13 +23,17 @@ class StaticSession:
     """Fixed-shape one-token decode steps over a prefilled ``DenseCompressor``, for a CUDA-graph-captured loop.
 
     Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
-    the new slots), ``write`` (each layer's K/V at each row's physical end), ``commit`` (slot positions, scorer
-    observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
+    the new slots), ``write`` (each layer's K/V at each row's physical end: ``kv_slots``), ``commit`` (slot positions,
+    scorer observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
     every step: it knows how the lengths of active rows grow, so it only synchronises (``read`` the logged tokens,
     then ``settle``: update the tracker, compact in place, record stats) when a row may reach its trigger or the token
-    log is full (``due``); when no row can have reached its trigger, the driver may queue one more step between the two
-    so that the host's bookkeeping overlaps it. Buffers only move on a capacity growth, after which the driver captures
+    log is full (``due``); the driver may queue the next step between the two when no row can have reached its
+    trigger, or else inside ``settle`` right after the compaction is queued, so that the host's bookkeeping overlaps
+    it. Buffers only move on a capacity growth, after which the driver captures
     again.
+
+    The K/V storage is in its ring layout while the session is open (``KVStorage``: a compaction then leaves the
+    local window where it is); attention reads each row from ``kv_start``. ``close`` restores the plain layout.
     """
 
     def __init__(self, compressor: "DenseCompressor", input_ids: torch.Tensor, pad_token_id: int,
@@ -51,13 +56,22 @@ class StaticSession:
         self._log_position = torch.zeros(1, dtype=torch.long, device=device)
         self.fed: list[list[int]] = [[] for _ in range(rows)]  # every token fed, per row, up to the last settle
         compressor.ensure_capacity(max(compressor.triggers))  # a row reaches its trigger between syncs
+        compressor.kv.set_ring(True)
+        # Where this step's K/V go in the storage: each row's physical end, in the ring layout.
+        self.kv_slots = compressor.kv.physical_index(self.step.slots).view(-1)
         self._unsynced = 0
         self._step_before_settling = False
         self._prepared: PreparedCompaction | None = None
         self._plan_next_sync()
 
     def close(self) -> None:
+        self.compressor.kv.set_ring(False)
         self.compressor.session = None
+
+    @property
+    def kv_start(self) -> torch.Tensor:
+        """[rows] the storage index of each row's first slot (attention kernels take it as ``start``)."""
+        return self.compressor.kv.start
 
     def state_buffers(self) -> list[torch.Tensor]:
         """The device buffers a step changes (a driver that runs a warm-up step before capture restores them)."""
@@ -69,13 +83,14 @@ class StaticSession:
         slots = self.compressor.slots
         self.step.key_len.copy_(slots.physical_len + 1)
         slots.claim(self.step.slots)
+        self.kv_slots.copy_(self.compressor.kv.physical_index(self.step.slots).view(-1))
         return self.step.key_len
 
     def write(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the step's K/V of one layer at each row's physical end; attention reads the whole capacity up to
         ``lengths()``."""
         kv = self.compressor.kv
-        kv.write(layer, key_states, value_states, self.step.slots)
+        kv.write(layer, key_states, value_states, self.kv_slots.view(-1, 1))
         return kv.keys[layer], kv.values[layer]
 
     def commit(self, hidden_states: torch.Tensor | None) -> None:
@@ -142,9 +157,12 @@ class StaticSession:
     def may_step_before_settling(self) -> bool:
         return self._step_before_settling
 
-    def settle(self, logged: list[list[int]]) -> bool:
+    def settle(self, logged: list[list[int]], step_ahead: Callable[[], None] | None = None) -> bool:
         """Track the tokens ``read`` returned, compact the rows that reached their trigger, record stats. Returns
-        True when the buffers grew (the driver must capture again)."""
+        True when the buffers grew (the driver must capture again).
+
+        ``step_ahead``: called once the compaction (if any) is queued, unless the buffers grew: the driver queues the
+        next step there, behind the moves, so that the host's remaining bookkeeping overlaps it."""
         compressor = self.compressor
         slots, tracker = compressor.slots, compressor.tracker
         steps = len(logged[0]) if logged else 0
@@ -160,14 +178,18 @@ class StaticSession:
             self.fed[row].extend(tokens)
         compressor.compact_full_rows(self._prepared)
         self._prepared = None
-        # The steps' stats after the compaction is queued: the host records them while the GPU moves K/V.
-        for offset in range(steps - 1):
-            compressor.record_stats([row[offset] for row in grown])
         capacity = compressor.kv.capacity
         compressor.ensure_capacity(max(compressor.triggers))
-        compressor.record_stats()
+        moved = compressor.kv.capacity != capacity
         self._plan_next_sync()
-        return compressor.kv.capacity != capacity
+        if step_ahead is not None and not moved:
+            step_ahead()
+        # The steps' stats after the compaction (and perhaps the next step) is queued: the host records them while
+        # the device works.
+        for offset in range(steps - 1):
+            compressor.record_stats([row[offset] for row in grown])
+        compressor.record_stats()
+        return moved
 
     @property
     def finished(self) -> bool:

@@ -6,6 +6,16 @@
 One tensor for all compressed layers, so that one kernel launch compacts a whole step. Which token a slot holds,
 the rows' physical lengths and the scorers' per-slot state are in the ``SlotTable`` (``dynts.slots``), which the
 owner (``DenseCompressor``) compacts together with these buffers.
+
+Two layouts of a row's slots (slot s = the s-th token the slot table lists):
+
+* plain: slot s at index s. The HF forward path reads the buffers as a dense prefix ``[:physical_len]``; compaction
+  moves the kept slots to the front.
+* ring (``ring = True``, a static decode session): slot s at index ``(start[row] + s) % capacity``. Compaction moves
+  the kept slots to the end of the row's held slots instead, so the local window (the kept tail, the bulk of what a
+  row keeps) does not move: only the kept tokens older than the last evicted one do. ``start`` advances by the
+  evicted count. New tokens go to ``physical_index(physical_len)``; the decode attention kernel takes ``start``.
+  Leaving the ring layout (``set_ring(False)``, when the session closes) rotates every row back to start 0.
 """
 
 from __future__ import annotations
@@ -44,6 +54,11 @@ class KVStorage:
         self.capacity = capacity
         self.keys = torch.zeros(num_layers, rows, kv_heads, capacity, key_dim, dtype=dtype, device=self.device)
         self.values = torch.zeros(num_layers, rows, self.value_heads, capacity, value_dim, dtype=dtype, device=self.device)
+        self.ring = False
+        # Ring layout only: the index of each row's slot 0 (on the device for kernels, mirrored on the host); all zero
+        # in the plain layout. Updated in place, so that a captured CUDA graph reads the current values.
+        self.start = torch.zeros(rows, dtype=torch.long, device=self.device)
+        self.start_host = [0] * rows
 
     @property
     def bytes_per_token(self) -> int:
@@ -58,6 +73,7 @@ class KVStorage:
         """Grow the buffers to hold ``needed`` slots (rare: a prompt or protected span longer than planned)."""
         if needed <= self.capacity:
             return False
+        self._unroll()  # the new slots go after index capacity - 1, which is a row's end only at start 0
         capacity = max(needed, self.capacity + self.capacity // 4)
         self.keys = grow_slots(self.keys, capacity, 0)
         self.values = grow_slots(self.values, capacity, 0)
@@ -81,9 +97,57 @@ class KVStorage:
         self.keys[layer][rows, :, slots] = key_states.transpose(1, 2)
         self.values[layer][rows, :, slots] = value_states.transpose(1, 2)
 
-    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int]) -> None:
-        """Keep, for each of ``rows``, the slots ``keep_index[..., :keep_count]`` of every layer (a
-        ``dynts.policy.KeepPlan``'s, valid by construction: moved without a device check; one launch each for K
-        and V)."""
-        rows_t, keep_count_t = to_device([list(rows), list(keep_count)], self.device).unbind(0)
-        kernels.compact_((self.keys, self.values), rows_t, keep_index, keep_count_t, check_values=False)
+    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int],
+                held: Sequence[int]) -> None:
+        """Keep, for each of ``rows`` (holding ``held`` slots), the slots ``keep_index[..., :keep_count]`` of every
+        layer (a ``dynts.policy.KeepPlan``'s, valid by construction: moved without a device check; one launch each
+        for K and V), in this storage's layout."""
+        rows, keep_count = list(rows), list(keep_count)
+        if not self.ring:
+            rows_t, keep_count_t = to_device([rows, keep_count], self.device).unbind(0)
+            kernels.compact_((self.keys, self.values), rows_t, keep_index, keep_count_t, check_values=False)
+            return
+        start = [self.start_host[row] for row in rows]
+        new_start = [(first + length - count) % self.capacity for first, length, count in zip(start, held, keep_count)]
+        rows_t, keep_count_t, held_t, start_t, new_start_t = to_device(
+            [rows, keep_count, list(held), start, new_start], self.device).unbind(0)
+        kernels.compact_ring_((self.keys, self.values), rows_t, keep_index, keep_count_t, held_t, start_t,
+                              check_values=False)
+        self.start.index_copy_(0, rows_t, new_start_t)
+        for row, first in zip(rows, new_start):
+            self.start_host[row] = first
+
+    # ------------------------------------------------------------------ ring layout
+    def set_ring(self, enabled: bool) -> None:
+        """Enter the ring layout (every row at start 0 then), or leave it: rows rotate back to start 0."""
+        if not enabled:
+            self._unroll()
+        self.ring = enabled
+
+    def physical_index(self, slots: torch.Tensor) -> torch.Tensor:
+        """Where slots ([rows, n]) of each row are stored (device work only: usable inside a captured graph)."""
+        return torch.remainder(self.start.view(-1, 1) + slots, self.capacity)
+
+    def keys_in_slot_order(self, layer: int) -> torch.Tensor:
+        """[rows, kv_heads, capacity, key_dim]: slot s of each row at index s (the buffer itself in the plain layout;
+        a gathered copy in the ring layout)."""
+        if not any(self.start_host):
+            return self.keys[layer]
+        return torch.gather(self.keys[layer], 2, self._slot_order(self.keys))
+
+    def _slot_order(self, buffer: torch.Tensor) -> torch.Tensor:
+        """Gather index over one layer of ``buffer`` that reads each row from its start on."""
+        _, rows, heads, capacity, dim = buffer.shape
+        physical = self.physical_index(torch.arange(capacity, device=self.device).view(1, -1).expand(rows, -1))
+        return physical.view(rows, 1, capacity, 1).expand(rows, heads, capacity, dim)
+
+    def _unroll(self) -> None:
+        """Rotate every row to start 0 (one layer at a time: the copy holds one layer's buffer)."""
+        if not any(self.start_host):
+            return
+        for buffer in (self.keys, self.values):
+            index = self._slot_order(buffer)
+            for layer in range(self.num_layers):
+                buffer[layer].copy_(torch.gather(buffer[layer], 2, index))
+        self.start.zero_()
+        self.start_host = [0] * self.rows

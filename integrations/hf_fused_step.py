@@ -120,11 +120,12 @@ class FusedDecodeStep:
 
     def __call__(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
-        slots: torch.Tensor, lengths: torch.Tensor,
+        slots: torch.Tensor, lengths: torch.Tensor, start: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Final-norm hidden states [rows, 1, hidden] of feeding ``input_ids`` ([rows, 1]) at ``position_ids``;
-        each layer's K/V is written into ``key_cache`` / ``value_cache`` (the dense storage) at ``slots`` ([rows]),
-        and attention reads each row's first ``lengths`` slots (held tokens plus this one). Device work only."""
+        each layer's K/V is written into ``key_cache`` / ``value_cache`` (the dense storage) at ``slots`` ([rows],
+        storage indices), and attention reads each row's first ``lengths`` slots (held tokens plus this one; from
+        ``start`` on in the ring layout). Device work only."""
         rows = input_ids.shape[0]
         embedded = self.decoder.embed_tokens(input_ids)
         cos, sin = self.decoder.rotary_emb(embedded, position_ids)  # [rows, 1, head_dim], the model's own RoPE
@@ -143,7 +144,7 @@ class FusedDecodeStep:
             storage = layer.storage_layer
             queries = kernels.rotary_and_store(queries, keys, values, cos, sin, key_cache, value_cache, storage, slots)
             attended = kernels.decode_attention(queries, key_cache[storage], value_cache[storage], lengths,
-                                                scale=layer.scale)
+                                                scale=layer.scale, start=start)
             hidden = _linear(attended.view(rows, -1), layer.o_proj)
             normed, residual = kernels.rms_norm(hidden, layer.post_norm.weight, eps=layer.post_norm.variance_epsilon,
                                                 residual=residual)

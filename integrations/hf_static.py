@@ -43,12 +43,14 @@ ATTENTION_NAME = "dynts_decode"
 
 def _decode_attention(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-    scaling: float, dropout: float = 0.0, dynts_lengths: torch.Tensor | None = None, **kwargs: Any,
+    scaling: float, dropout: float = 0.0, dynts_lengths: torch.Tensor | None = None,
+    dynts_start: torch.Tensor | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Attention implementation of one static decode step: ``key``/``value`` are the whole storage capacity."""
-    if dynts_lengths is None or query.shape[2] != 1:
+    """Attention implementation of one static decode step: ``key``/``value`` are the whole storage capacity, in the
+    ring layout (each row's slots from ``dynts_start`` on)."""
+    if dynts_lengths is None or dynts_start is None or query.shape[2] != 1:
         raise RuntimeError("the dynts_decode attention serves StaticDecoder's one-token steps only")
-    out = kernels.decode_attention(query[:, :, 0], key, value, dynts_lengths, scale=scaling)
+    out = kernels.decode_attention(query[:, :, 0], key, value, dynts_lengths, scale=scaling, start=dynts_start)
     return out.unsqueeze(1), None
 
 
@@ -58,9 +60,9 @@ AttentionInterface.register(ATTENTION_NAME, _decode_attention)
 @dataclass
 class _Sync:
     """One host synchronisation of a decode run as it happened: the steps it ended, when the device had run them
-    (``drained``), until when it held the device back (``held``: host clock, and on a GPU a CUDA event recorded after
-    the settle unless a step was queued ahead of it), when the host was done (``now``), and whether a step was queued
-    ahead of the settle."""
+    (``drained``), until when it held the device back (``held``: on the host clock until the next step was queued, or
+    until the host was done when none was; on a GPU also a CUDA event recorded after the work the settle queued and
+    before any step queued after it), and when the host was done (``now``)."""
 
     steps: int
     drained: float
@@ -68,7 +70,6 @@ class _Sync:
     held: float
     held_event: torch.cuda.Event | None
     now: float
-    ahead: bool
 
 
 def _device_mark(device: torch.device) -> torch.cuda.Event | None:
@@ -109,8 +110,8 @@ class StaticDecoder:
         # Steps between two host synchronisations, in order (they add up to len(step_seconds)); a compaction runs in
         # the synchronisation that ends its interval. sync_seconds: how long each of those synchronisations held the
         # device back once it had run the interval's steps: the host's work (token bookkeeping, compaction planning,
-        # stats) and, on CUDA, the device work it queued before the next step (a compaction's K/V moves), timed by
-        # CUDA events; up to the step queued ahead when no compaction was due. Part of the interval.
+        # stats) until the next step was queued and, on CUDA, the device work queued before that step (a compaction's K/V
+        # moves), timed by CUDA events. Part of the interval.
         self.sync_intervals: list[int] = []
         self.sync_seconds: list[float] = []
 
@@ -186,24 +187,32 @@ class StaticDecoder:
 
         def synchronise(step_ahead: bool = False) -> bool:
             """The session's read and settle after the steps queued since the last one; records when they ran (see
-            ``_record_timings``). ``step_ahead``: if no compaction can be due, queue the next step before settling, so
-            that the host's bookkeeping overlaps it. True when the buffers moved (the graph must be captured again)."""
+            ``_record_timings``). ``step_ahead``: queue the next step as early as it may be, so that the host's
+            bookkeeping overlaps it: before settling when no compaction can be due, else right after the settle
+            queued the compaction (behind its moves). True when the buffers moved (the graph must be captured
+            again)."""
             steps = session.unsynced_steps
             session.prepare()  # a compaction that may be due is planned while the steps run
             if input_ids.is_cuda:
                 torch.cuda.current_stream(input_ids.device).synchronize()  # the read would wait for them anyway
             drained, drained_event = time.perf_counter(), _device_mark(input_ids.device)
             logged = session.read()
-            ahead = step_ahead and session.may_step_before_settling
-            if ahead:
+            queued = None  # (host time, device mark) at which the next step was queued, if it was
+
+            def step_after_settle() -> None:
+                nonlocal queued
+                mark = _device_mark(input_ids.device)  # the device has run what the settle queued
                 run_step()
-                held = (time.perf_counter(), None)  # the device idled until this step was queued
-            moved = session.settle(logged)
+                queued = (time.perf_counter(), mark)
+
+            if step_ahead and session.may_step_before_settling:
+                run_step()
+                queued = (time.perf_counter(), None)  # the device idled until this step was queued
+            moved = session.settle(logged, step_after_settle if step_ahead and queued is None else None)
             now = time.perf_counter()
-            if not ahead:
-                held = (now, _device_mark(input_ids.device))  # ... or until the work the settle queued is done
+            held = queued if queued is not None else (now, _device_mark(input_ids.device))
             if steps:
-                syncs.append(_Sync(steps, drained, drained_event, held[0], held[1], now, ahead))
+                syncs.append(_Sync(steps, drained, drained_event, held[0], held[1], now))
             return moved
 
         try:
@@ -240,17 +249,17 @@ class StaticDecoder:
 
     def _record_timings(self, start: float, syncs: list[_Sync]) -> None:
         """``step_seconds``, ``sync_intervals`` and ``sync_seconds`` of the run, once it ended (its CUDA events are
-        read only then, so timing never makes the host wait). A synchronisation holds the device until the step
-        queued ahead, or until the host is done and the device has run what the settle queued (a compaction's K/V
-        moves); its interval ends there, so that a compaction's device work counts in the interval of the
-        synchronisation that queued it, not in the next one."""
+        read only then, so timing never makes the host wait). A synchronisation holds the device until the next step
+        is queued (or the host is done) and the device has run what the settle queued (a compaction's K/V moves); its
+        interval ends when both the host is done and the device was released, so that a compaction's device work
+        counts in the interval of the synchronisation that queued it, not in the next one."""
         self.step_seconds, self.sync_intervals, self.sync_seconds = [], [], []
         for sync in syncs:
             held = sync.held - sync.drained
             if sync.held_event is not None:
                 sync.held_event.synchronize()
                 held = max(held, sync.drained_event.elapsed_time(sync.held_event) / 1e3)
-            end = sync.now if sync.ahead else max(sync.now, sync.drained + held)
+            end = max(sync.now, sync.drained + held)
             self.step_seconds.extend([(end - start) / sync.steps] * sync.steps)
             self.sync_intervals.append(sync.steps)
             self.sync_seconds.append(held)
@@ -263,11 +272,11 @@ class StaticDecoder:
         lengths = session.lengths()
         if self._fused_step is None:
             hidden = self.decoder(input_ids=self._ids, position_ids=self._position_ids, past_key_values=self.cache,
-                                  use_cache=True, dynts_lengths=lengths).last_hidden_state
+                                  use_cache=True, dynts_lengths=lengths, dynts_start=session.kv_start).last_hidden_state
         else:  # the same buffers: K/V into the storage at each row's physical end, attention up to ``lengths``
             storage = session.compressor.kv
             hidden = self._fused_step(self._ids, self._position_ids, storage.keys, storage.values,
-                                      session.step.slots.view(-1), lengths)
+                                      session.kv_slots, lengths, session.kv_start)
         session.commit(hidden)
         self._logits = self.lm_head(hidden[:, -1])  # under capture: the graph's output buffer, refreshed by replays
         chosen = self._choose(self._logits).view(-1, 1)

@@ -60,19 +60,41 @@ class _Logits(LogitsProcessor):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("arch, fused", [("llama", False), *((arch, True) for arch in ARCHITECTURES)])
-def test_static_path_matches_plain_path_greedy_fp32(device: str, arch: str, fused: bool) -> None:
+def test_static_path_matches_plain_path_greedy_fp32(device: str, arch: str, fused: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tokens, lengths after every step and resident positions of the plain path; in between, the session's storage
+    really was a ring (rows started elsewhere than index 0 after compactions), and after the call it is the plain
+    layout again, holding the plain path's K/V."""
+    from dynts.static import StaticSession
+
     model, ids, mask = _models(device, torch.float32, arch)
     config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(5,))
     new_tokens = 90
     plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=new_tokens,
                            do_sample=False, eos_token_id=2, pad_token_id=0)
+    starts = []
+    settle = StaticSession.settle
+
+    def recording_settle(self, logged, step_ahead=None):
+        moved = settle(self, logged, step_ahead)
+        starts.append(list(self.compressor.kv.start_host))
+        return moved
+
+    monkeypatch.setattr(StaticSession, "settle", recording_settle)
     fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     decoder = StaticDecoder(model, fast_cache, fused=fused)
     fast = decoder.generate(ids, attention_mask=mask, max_new_tokens=new_tokens)
     assert decoder.fused is fused
     assert plain_cache.stats.compactions >= 6
     assert torch.equal(fast, plain)
+    assert sum(any(row) for row in starts) >= 3, starts
+    fast_kv, plain_kv = fast_cache.compressor.kv, plain_cache.compressor.kv
+    assert not fast_kv.ring and fast_kv.start_host == [0, 0, 0] and not bool(fast_kv.start.any())
+    for row, length in enumerate(plain_cache.compressor.slots.physical_len_host):
+        for fast_buffer, plain_buffer in ((fast_kv.keys, plain_kv.keys), (fast_kv.values, plain_kv.values)):
+            torch.testing.assert_close(fast_buffer[:, row, :, :length], plain_buffer[:, row, :, :length],
+                                       atol=1e-4, rtol=1e-4)  # the same K/V, computed by other kernels
     # generate stops when the last row emits EOS; the host learns it at its next sync, so the static path runs on
     # until then: the first of those steps stores that EOS (rows finished earlier stored theirs, on both paths),
     # and nothing grows after it.
@@ -90,8 +112,9 @@ def test_static_path_matches_plain_path_greedy_fp32(device: str, arch: str, fuse
 @pytest.mark.parametrize("device", DEVICES)
 def test_steps_queued_before_the_host_settles_change_nothing(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """With a short token log most synchronisations only read tokens back: the next step is then queued before the
-    host tracks them (``may_step_before_settling``). The result, the lengths after every step and the resident
-    positions must still be the plain path's, through compactions and EOS."""
+    host tracks them (``may_step_before_settling``); the others queue it inside the settle, right behind a
+    compaction. The result, the lengths after every step and the resident positions must still be the plain path's,
+    through compactions and EOS."""
     from dynts.static import StaticSession
 
     model, ids, mask = _models(device, torch.float32)
@@ -102,15 +125,23 @@ def test_steps_queued_before_the_host_settles_change_nothing(device: str, monkey
     ahead = []
     settle = StaticSession.settle
 
-    def counting_settle(self, logged):
+    after_settling = []
+
+    def counting_settle(self, logged, step_ahead=None):
         ahead.append(self.unsynced_steps)  # steps queued since the read: 1 when one ran ahead
-        return settle(self, logged)
+
+        def counted_step() -> None:
+            after_settling.append(self.compressor.stats.compactions)
+            step_ahead()
+
+        return settle(self, logged, None if step_ahead is None else counted_step)
 
     monkeypatch.setattr(StaticSession, "settle", counting_settle)
     fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     decoder = StaticDecoder(model, fast_cache)
     fast = decoder.generate(ids, attention_mask=mask, max_new_tokens=90, readback_every=3)
     assert ahead.count(1) >= 5 and ahead.count(0) >= 5, ahead  # both kinds of synchronisation happened
+    assert len(set(after_settling)) >= 5, after_settling  # steps queued right behind several compactions
     assert plain_cache.stats.compactions >= 6
     _assert_same_run(fast, fast_cache, plain, plain_cache)
 
@@ -230,25 +261,29 @@ class _FakeEvent:
 def test_a_synchronisation_lasts_until_the_device_ran_what_it_queued() -> None:
     """Hand-computed timeline: start at 0; a read-only sync with a step queued ahead (its interval ends when the host
     is done); a compaction whose moves run on the device until 2 s after the host finished (its interval ends
-    there, not at the host's end, and the next interval starts there); a sync on the host clock only (CPU)."""
+    there, not at the host's end, and the next interval starts there); a sync on the host clock only (CPU); a
+    compaction followed by the next step, queued before its moves ended and before the host was done."""
     from types import SimpleNamespace
 
     from dynts.integrations.hf_static import _Sync
 
     syncs = [
         # 4 steps to 10 s; idle until the step queued ahead at 10.5 s; host done at 12 s
-        _Sync(4, 10.0, _FakeEvent(10.0), 10.5, None, 12.0, True),
+        _Sync(4, 10.0, _FakeEvent(10.0), 10.5, None, 12.0),
         # 2 steps to 20 s; host done at 21 s; the moves it queued end at 23 s
-        _Sync(2, 20.0, _FakeEvent(20.0), 21.0, _FakeEvent(23.0), 21.0, False),
+        _Sync(2, 20.0, _FakeEvent(20.0), 21.0, _FakeEvent(23.0), 21.0),
         # 5 steps to 33 s; host done at 34 s; no device clock
-        _Sync(5, 33.0, None, 34.0, None, 34.0, False),
+        _Sync(5, 33.0, None, 34.0, None, 34.0),
+        # 3 steps to 40 s; the next step queued at 40.5 s behind moves that end at 41.5 s; host done at 42 s
+        _Sync(3, 40.0, _FakeEvent(40.0), 40.5, _FakeEvent(41.5), 42.0),
     ]
     timing = SimpleNamespace()
     StaticDecoder._record_timings(timing, 0.0, syncs)
-    assert timing.sync_intervals == [4, 2, 5]
-    assert timing.sync_seconds == pytest.approx([0.5, 3.0, 1.0])
-    assert timing.step_seconds == pytest.approx([3.0] * 4 + [5.5] * 2 + [11 / 5] * 5)  # 12 s / 4, 11 s / 2, 11 s / 5
-    assert sum(timing.step_seconds) == pytest.approx(34.0)  # the intervals tile the run
+    assert timing.sync_intervals == [4, 2, 5, 3]
+    assert timing.sync_seconds == pytest.approx([0.5, 3.0, 1.0, 1.5])
+    # 12 s / 4, 11 s / 2, 11 s / 5, 8 s / 3
+    assert timing.step_seconds == pytest.approx([3.0] * 4 + [5.5] * 2 + [11 / 5] * 5 + [8 / 3] * 3)
+    assert sum(timing.step_seconds) == pytest.approx(42.0)  # the intervals tile the run
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device work queued after the host returns)")
@@ -259,6 +294,9 @@ def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytes
 
     model, ids, mask = _models("cuda", torch.float32)
     config = CompressionConfig(budget=40, window=8, keep_ratio=0.5, protect_prompt=False)
+    # A first run compiles the kernels, so that no interval of the timed run is slow for that reason.
+    StaticDecoder(model, DynTSCache(model, config, scorer=_scorer(model))).generate(
+        ids, attention_mask=mask, max_new_tokens=30, readback_every=4, eos_token_id=[])
     cache = DynTSCache(model, config, scorer=_scorer(model))
     compact = DenseCompressor.compact
 
