@@ -78,9 +78,9 @@ def compact_ring_(
         if not use_triton(tensor):
             compact_ring_reference_(tensor, rows, keep_index, keep_count, held, start)
         else:
-            from .compaction import compact_ring_ as compact_ring_triton
+            from .compaction import compact_dense_
 
-            compact_ring_triton(tensor, rows, keep_index, keep_count, held, start)
+            compact_dense_(tensor, rows, keep_index, keep_count, ring=(held, start))
 
 
 def compact_paged_(

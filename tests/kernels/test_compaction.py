@@ -9,7 +9,7 @@ pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts
 
 from kernel_cases import pick, random_cache, random_keep  # noqa: E402
 
-from dynts.kernels.compaction import compact_dense_, compact_ring_  # noqa: E402
+from dynts.kernels.compaction import compact_dense_  # noqa: E402
 from dynts.kernels.paged import compact_paged_  # noqa: E402
 from dynts.kernels.reference import compact_paged_reference_, compact_reference_, compact_ring_reference_  # noqa: E402
 from dynts.kernels.validation import (  # noqa: E402
@@ -147,7 +147,8 @@ def test_ring_matches_reference_and_keeps_the_window_in_place(device, dtype, kee
         before = cache.clone()
         expected = cache.clone()
         compact_ring_reference_(expected, *args)
-        compact_ring_(cache, *check_ring_compaction_args([cache], *args), block_tokens=block_tokens)
+        checked = check_ring_compaction_args([cache], *args)
+        compact_dense_(cache, *checked[:3], ring=checked[3:], block_tokens=block_tokens)
         assert torch.equal(cache, expected)
 
     dense = unrolled(before, args[4].new_zeros(batch).index_copy(0, args[0], args[4]))
@@ -180,7 +181,8 @@ def test_ring_worst_aliasing(device):
         cache = random_cache((layers, batch, heads, slots, dim), torch.float16, device, generator)
         expected = cache.clone()
         compact_ring_reference_(expected, *args)
-        compact_ring_(cache, *check_ring_compaction_args([cache], *args), block_tokens=block_tokens)
+        checked = check_ring_compaction_args([cache], *args)
+        compact_dense_(cache, *checked[:3], ring=checked[3:], block_tokens=block_tokens)
         assert torch.equal(cache, expected)
 
 
