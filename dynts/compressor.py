@@ -347,8 +347,7 @@ class DenseCompressor:
             num_layers=self.num_layers, q_heads=self.query_heads or kv_heads, kv_heads=kv_heads, head_dim=key_dim,
             scale=self.scale if self.scale is not None else key_dim**-0.5,
         )
-        kv = self.kv
-        self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=kv.keys_in_slot_order))
+        self.scorer.bind(CacheView(self.slots, geometry, self.config, key_states.dtype, keys=self.kv.keys_in_slot_order))
 
     def ensure_capacity(self, needed: int) -> None:
         """Grow the K/V storage and the slot table to hold ``needed`` slots per row (rarely: buffers then move)."""

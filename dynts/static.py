@@ -24,13 +24,12 @@ class StaticSession:
 
     Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
     the new slots), ``write`` (each layer's K/V at each row's physical end: ``kv_slots``), ``commit`` (slot positions,
-    scorer observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not look at
-    every step: it knows how the lengths of active rows grow, so it only synchronises (``read`` the logged tokens,
-    then ``settle``: update the tracker, compact in place, record stats) when a row may reach its trigger or the token
-    log is full (``due``); the driver may queue the next step between the two when no row can have reached its
-    trigger, or else inside ``settle`` right after the compaction is queued, so that the host's bookkeeping overlaps
-    it. Buffers only move on a capacity growth, after which the driver captures
-    again.
+    scorer observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not
+    look at every step: it knows how the lengths of active rows grow, so it only synchronises (``read`` the logged
+    tokens, then ``settle``: update the tracker, compact in place, record stats) when a row may reach its trigger or
+    the token log is full (``due``); the driver may queue the next step between the two when no row can have reached
+    its trigger, or else inside ``settle`` right after the compaction is queued, so that the host's bookkeeping
+    overlaps it. Buffers only move on a capacity growth, after which the driver captures again.
 
     The K/V storage is in its ring layout while the session is open (``KVStorage``: a compaction then leaves the
     local window where it is); attention reads each row from ``kv_start``. ``close`` restores the plain layout.

@@ -366,3 +366,58 @@ def test_compactions_planned_ahead_are_used_only_when_their_assumptions_held(
     assert len(used) >= 2 and len(given) - len(used) >= 2, (len(prepared), len(given), len(used))  # both happened
     assert all(any(plan is ahead.plan for ahead in prepared[::2]) for plan in used)  # never a wrong one
     _assert_same_run(fast, fast_cache, plain, plain_cache)
+
+
+def test_ring_storage_holds_what_the_plain_storage_holds() -> None:
+    """The same writes and compactions on a ring-laid-out and a plain ``KVStorage``: read in slot order (the copy
+    ``keys_in_slot_order`` gives), after a growth of the buffers (which unrolls the ring) and after leaving the ring
+    layout, both hold the same K/V in each row's first ``length`` slots; the ring's window stays where it was."""
+    from dynts.storage import KVStorage
+
+    generator = torch.Generator().manual_seed(4)
+    shape = dict(num_layers=2, rows=3, kv_heads=2, key_dim=4, value_dim=3, capacity=12, dtype=torch.float32,
+                 device="cpu")
+    plain, ring = KVStorage(**shape), KVStorage(**shape)
+    ring.set_ring(True)
+    lengths = [0, 0, 0]
+
+    def write(count: int) -> None:
+        for _ in range(count):
+            keys = torch.randn(2, 3, 2, 1, 4, generator=generator)
+            values = torch.randn(2, 3, 2, 1, 3, generator=generator)
+            slots = torch.tensor(lengths).view(-1, 1)
+            for layer in range(2):
+                plain.write(layer, keys[layer], values[layer], slots)
+                ring.write(layer, keys[layer], values[layer], ring.physical_index(slots))
+            for row in range(3):
+                lengths[row] += 1
+
+    def assert_same() -> None:
+        for layer in range(2):
+            ordered = ring.keys_in_slot_order(layer)
+            for row, length in enumerate(lengths):
+                assert torch.equal(ordered[row, :, :length], plain.keys[layer, row, :, :length])
+
+    write(10)
+    rounds = [[[0, 1, 5, 7, 8, 9], [3, 4, 5, 7, 8, 9], [0, 2, 4, 6, 8, 9]],
+              [[2, 3, 4, 6, 8, 9], [0, 1, 2, 3, 8, 9], [1, 3, 5, 7, 8, 9]]]
+    for keep in rounds:  # the last two slots (a window of 2) kept each time
+        keep_index = torch.tensor(keep).view(1, 3, 1, 6)
+        window = ring.physical_index(torch.tensor([[8, 9]] * 3)).view(1, 3, 1, 2, 1).expand(2, 3, 2, 2, 4)
+        window_keys = ring.keys.gather(3, window)
+        for storage in (plain, ring):
+            storage.compact([0, 1, 2], keep_index, [6, 6, 6], lengths)
+        lengths[:] = [6, 6, 6]
+        assert torch.equal(ring.keys.gather(3, window), window_keys)
+        assert_same()
+        write(4)  # rows wrap around the capacity
+        assert_same()
+    assert any(ring.start_host)
+    plain.ensure_capacity(20)
+    ring.ensure_capacity(20)
+    assert ring.start_host == [0, 0, 0]
+    assert_same()
+    ring.set_ring(False)
+    for buffer, other in ((ring.keys, plain.keys), (ring.values, plain.values)):
+        for row, length in enumerate(lengths):
+            assert torch.equal(buffer[:, row, :, :length], other[:, row, :, :length])
