@@ -6,10 +6,11 @@ the grid depends only on the capacity, so the launch can be captured in a CUDA g
 device. GQA is native: one program serves all query heads of a KV head (no repeated K/V).
 
 Split-K: program (split, kv_head, row) runs an online softmax over its share of the row's slots and writes a
-partial output and log-sum-exp; a second kernel merges the splits. The number of splits is fixed per launch (enough
-programs to fill the GPU: ``decode_splits``) and each row's length is divided among them on the device, so every
-program has work in proportion to the row's length; a grid sized by the capacity instead would launch thousands of
-empty programs for a long full-cache buffer holding few tokens. Reference: ``reference.decode_attention_reference``.
+partial output and log-sum-exp; a second kernel merges the splits. The number of splits is fixed per launch (as
+many programs as one wave of the GPU runs: ``decode_splits``) and each row's length is divided among them on the
+device, so every program has work in proportion to the row's length; a grid sized by the capacity instead would
+launch thousands of empty programs for a long full-cache buffer holding few tokens.
+Reference: ``reference.decode_attention_reference``.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import torch
 import triton
 import triton.language as tl
 
+from .dependent_launch import dependent_launch_options, wait_for_prior_kernel
 from .dispatch import dots_in_float32, multiprocessors
 
 BLOCK_SLOTS = 64
 # Programs per streaming multiprocessor a launch aims for, and the depth of each program's K/V pipeline. Measured on
 # an H200 at batch 20 (Llama-8B and Qwen-7B heads; 192 launch shapes of splits, block, warps and stages): 4 programs
 # per multiprocessor with 2 stages came within ~2% of the best shape from 2k to 4.5k held slots (the lengths a
-# compressed cache holds) and ran 4-5% faster there than 8 with 3 stages; at 15k within 1.5% either way.
+# compressed cache holds) and ran 4-5% faster there than 8 with 3 stages; at 15k within 1.5% either way. The split
+# count must keep the launch within that one wave: a launch just past it runs a second, mostly empty wave (Llama-8B
+# at 4k held slots, 32 layers: 640 programs 1.12x the bandwidth roofline, 480 programs 1.08x; Qwen-7B 560 vs 480:
+# 1.37x vs 1.21x; issue 17).
 PROGRAMS_PER_SM = 4
 PIPELINE_STAGES = 2
 # Multiprocessors assumed off CUDA (the Triton interpreter in tests): a few splits, so the merge is exercised.
@@ -32,9 +37,9 @@ INTERPRETER_SMS = 4
 
 
 def decode_splits(rows: int, kv_heads: int, slots: int, device: torch.device) -> int:
-    """Splits per (row, KV head): ``PROGRAMS_PER_SM`` programs per multiprocessor of ``device`` in all, at most one
-    per block of slots."""
-    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(device, INTERPRETER_SMS), max(rows * kv_heads, 1))
+    """Splits per (row, KV head): as many as fit in one wave of ``PROGRAMS_PER_SM`` programs per multiprocessor of
+    ``device`` (at least one), at most one per block of slots."""
+    wanted = PROGRAMS_PER_SM * multiprocessors(device, INTERPRETER_SMS) // max(rows * kv_heads, 1)
     return max(1, min(wanted, triton.cdiv(slots, BLOCK_SLOTS)))
 
 
@@ -49,8 +54,9 @@ def _decode_partial_kernel(
     stride_lse_batch, stride_lse_head, stride_lse_split,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, DIM: tl.constexpr, BLOCK_DIM: tl.constexpr,
     VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_FLOAT32: tl.constexpr, RING: tl.constexpr,
+    DOT_FLOAT32: tl.constexpr, RING: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
+    wait_for_prior_kernel(GRID_DEPENDENT)
     split = tl.program_id(0)
     kv_head = tl.program_id(1).to(tl.int64)
     row = tl.program_id(2).to(tl.int64)
@@ -115,8 +121,9 @@ def _decode_merge_kernel(
     stride_p_batch, stride_p_head, stride_p_split,
     stride_lse_batch, stride_lse_head, stride_lse_split,
     stride_out_batch, stride_out_head,
-    VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    VALUE_DIM: tl.constexpr, BLOCK_VALUE_DIM: tl.constexpr, BLOCK_SPLITS: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
+    wait_for_prior_kernel(GRID_DEPENDENT)
     head = tl.program_id(0).to(tl.int64)
     row = tl.program_id(1).to(tl.int64)
     splits = tl.arange(0, BLOCK_SPLITS)
@@ -166,6 +173,7 @@ def decode_attention(
         BLOCK_DIM=triton.next_power_of_2(dim), VALUE_DIM=value_dim, BLOCK_VALUE_DIM=triton.next_power_of_2(value_dim),
         NUM_SPLITS=num_splits, BLOCK_N=BLOCK_SLOTS,
         DOT_FLOAT32=dots_in_float32(queries.dtype), RING=start is not None, num_stages=PIPELINE_STAGES,
+        **dependent_launch_options(queries.device),
     )
     out = torch.empty(batch, q_heads, value_dim, dtype=queries.dtype, device=queries.device)
     _decode_merge_kernel[(q_heads, batch)](
@@ -174,6 +182,6 @@ def decode_attention(
         lse.stride(0), lse.stride(1), lse.stride(2),
         out.stride(0), out.stride(1),
         VALUE_DIM=value_dim, BLOCK_VALUE_DIM=triton.next_power_of_2(value_dim),
-        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)),
+        BLOCK_SPLITS=max(2, triton.next_power_of_2(num_splits)), **dependent_launch_options(queries.device),
     )
     return out

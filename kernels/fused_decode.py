@@ -21,13 +21,16 @@ import torch
 import triton
 import triton.language as tl
 
+from .dependent_launch import dependent_launch_options, wait_for_prior_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(
     hidden, residual, weight, normed, summed, eps, size,
     stride_hidden, stride_residual, stride_normed, stride_summed,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
+    wait_for_prior_kernel(GRID_DEPENDENT)
     row = tl.program_id(0).to(tl.int64)
     column = tl.arange(0, BLOCK)
     mask = column < size
@@ -63,6 +66,7 @@ def rms_norm(
             rows_in, residual_in, weight, normed, summed, float(eps), size,
             rows_in.stride(0), residual_in.stride(0), normed.stride(0), summed.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, num_warps=warps, enable_fp_fusion=False,
+            **dependent_launch_options(hidden.device),
         )
     normed = normed.view(hidden.shape)
     return normed, hidden if residual is None else summed.view(hidden.shape)
@@ -92,8 +96,9 @@ def _rotary_and_store_kernel(
     stride_cos_row, stride_sin_row, stride_out_row, stride_out_head,
     stride_kc_row, stride_kc_head, stride_kc_slot, stride_vc_row, stride_vc_head, stride_vc_slot,
     Q_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    VALUE_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr,
+    VALUE_DIM: tl.constexpr, BLOCK_VALUE: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
+    wait_for_prior_kernel(GRID_DEPENDENT)
     head = tl.program_id(0)
     row = tl.program_id(1).to(tl.int64)
     half = tl.arange(0, BLOCK_HALF)
@@ -136,6 +141,6 @@ def rotary_and_store(
             layer_values.stride(0), layer_values.stride(1), layer_values.stride(2),
             Q_HEADS=q_heads, HALF=dim // 2, BLOCK_HALF=triton.next_power_of_2(dim // 2),
             VALUE_DIM=value_dim, BLOCK_VALUE=triton.next_power_of_2(value_dim),
-            num_warps=1, enable_fp_fusion=False,
+            num_warps=1, enable_fp_fusion=False, **dependent_launch_options(queries.device),
         )
     return rotated

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .dependent_launch import dependent_launch_options, wait_for_prior_kernel
 from .dispatch import dots_in_float32, interpreting, multiprocessors
 from .last_arrival import arrival_counters, last_to_arrive
 
@@ -117,10 +118,11 @@ def _concat_linear_kernel(
     M, K, N0, N1, N2, N_TOTAL, w_offset1, w_offset2, b_offset1, b_offset2,
     stride_x, stride_w, stride_out, stride_partial_split, stride_partial_row,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr, K_GRANULE: tl.constexpr,
-    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
     """Weights 1 and 2 (and their biases) are addressed from weight 0's pointer by element offsets, so that the
     weight a block reads is chosen with integer selects that keep the alignment the loads are vectorised on."""
+    wait_for_prior_kernel(GRID_DEPENDENT)
     block = tl.program_id(0)
     split = tl.program_id(1)
     blocks0 = tl.cdiv(N0, BLOCK_N)
@@ -167,8 +169,9 @@ def _silu_gated_kernel(
     x_ptr, gate_ptr, up_ptr, gate_bias_ptr, up_bias_ptr, out_ptr,
     M, K, N, stride_x, stride_gate, stride_up, stride_out,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
 ):
+    wait_for_prior_kernel(GRID_DEPENDENT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     m = tl.arange(0, M_PAD)
@@ -243,7 +246,7 @@ def concat_linear(
         rows, depth, *padded_sizes, total, *w_offsets, *b_offsets,
         x.stride(0), weights[0].stride(0), out.stride(0), partial.stride(0), partial.stride(1),
         M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype), K_GRANULE=SPLIT_K_GRANULE,
-        **({} if split_k is None else {"SPLIT_K": split_k}),
+        **({} if split_k is None else {"SPLIT_K": split_k}), **dependent_launch_options(x.device),
     )
     return out
 
@@ -268,5 +271,6 @@ def silu_gated_linear(
         x, gate_weight, up_weight, gate_bias if has_bias else gate_weight, up_bias if has_bias else up_weight, out,
         rows, depth, size, x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
         M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype),
+        **dependent_launch_options(x.device),
     )
     return out

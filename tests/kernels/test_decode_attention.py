@@ -87,3 +87,19 @@ def test_decode_attention_in_the_ring_layout(device: str, dtype: torch.dtype) ->
     values.masked_fill_(~held.view(batch, 1, capacity, 1), float("nan"))
     again = decode_attention(queries, keys, values, lengths, scale=scale, start=start)
     torch.testing.assert_close(again.float(), want.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("rows, kv_heads", [(1, 1), (3, 2), (5, 3), (4, 4), (16, 1), (20, 8)])
+def test_the_default_split_count_fills_one_wave_without_passing_it(rows: int, kv_heads: int) -> None:
+    """``decode_splits``: as many programs as one wave of ``PROGRAMS_PER_SM`` per multiprocessor runs, never more
+    (a launch just past a wave runs a second, mostly empty one: issue 17), at least one split per (row, KV head), at
+    most one per block of slots."""
+    from dynts.kernels.decode_attention_kernel import INTERPRETER_SMS, PROGRAMS_PER_SM, decode_splits
+
+    wave, pairs = PROGRAMS_PER_SM * INTERPRETER_SMS, rows * kv_heads  # off CUDA: INTERPRETER_SMS multiprocessors
+    splits = decode_splits(rows, kv_heads, 100 * BLOCK_SLOTS, torch.device("cpu"))
+    if pairs <= wave:
+        assert splits * pairs <= wave < (splits + 1) * pairs
+    else:
+        assert splits == 1
+    assert decode_splits(rows, kv_heads, 1, torch.device("cpu")) == 1  # one block of slots: one split
