@@ -8,8 +8,9 @@ clearing. That lets the split count be tuned with the launch shape (``skinny_lin
 keeps its separate merge: merged by the last program, the query heads of a KV head were merged one after another
 at the tail of the launch, and the attention got slower (Qwen-7B heads at 2k slots: 29 -> 42 us).
 
-The counters belong to a (device, stream) pair: launches on one stream run one after another, so they never share
-a counter at the same time. A CUDA graph captured on a stream keeps that stream's counters, allocated when the
+The counters belong to a (device, stream) pair: launches on one stream use them one after another (a kernel
+launched as a programmatic dependent touches nothing before the kernel before it has finished:
+``dependent_launch.py``), so they never share a counter at the same time. A CUDA graph captured on a stream keeps that stream's counters, allocated when the
 capture first needs them (from the graph's memory pool; they live as long as the cache below holds them).
 """
 
