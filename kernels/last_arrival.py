@@ -10,8 +10,9 @@ at the tail of the launch, and the attention got slower (Qwen-7B heads at 2k slo
 
 The counters belong to a (device, stream) pair: launches on one stream use them one after another (a kernel
 launched as a programmatic dependent touches nothing before the kernel before it has finished:
-``dependent_launch.py``), so they never share a counter at the same time. A CUDA graph captured on a stream keeps that stream's counters, allocated when the
-capture first needs them (from the graph's memory pool; they live as long as the cache below holds them).
+``dependent_launch.py``), so they never share a counter at the same time. A CUDA graph captured on a stream keeps
+that stream's counters, allocated when the capture first needs them (from the graph's memory pool; they live as long
+as the cache below holds them).
 """
 
 from __future__ import annotations

@@ -9,7 +9,8 @@ pytest.importorskip("triton", reason="needs triton installed (pip install 'dynts
 
 from kernel_cases import pick  # noqa: E402
 
-from dynts.kernels.decode_attention_kernel import BLOCK_SLOTS, decode_attention  # noqa: E402
+from dynts.kernels.decode_attention_kernel import (  # noqa: E402
+    BLOCK_SLOTS, INTERPRETER_SMS, PROGRAMS_PER_SM, decode_attention, decode_splits)
 from dynts.kernels.reference import decode_attention_reference  # noqa: E402
 
 
@@ -94,8 +95,6 @@ def test_the_default_split_count_fills_one_wave_without_passing_it(rows: int, kv
     """``decode_splits``: as many programs as one wave of ``PROGRAMS_PER_SM`` per multiprocessor runs, never more
     (a launch just past a wave runs a second, mostly empty one: issue 17), at least one split per (row, KV head), at
     most one per block of slots."""
-    from dynts.kernels.decode_attention_kernel import INTERPRETER_SMS, PROGRAMS_PER_SM, decode_splits
-
     wave, pairs = PROGRAMS_PER_SM * INTERPRETER_SMS, rows * kv_heads  # off CUDA: INTERPRETER_SMS multiprocessors
     splits = decode_splits(rows, kv_heads, 100 * BLOCK_SLOTS, torch.device("cpu"))
     if pairs <= wave:
