@@ -32,11 +32,15 @@ CompactionObserver = Callable[[list[int], list[torch.Tensor], list[torch.Tensor]
 
 @dataclass
 class PreparedCompaction:
-    """A compaction planned ahead of the host's knowledge: for ``rows`` at physical lengths ``held`` with protected
-    ``spans``. Valid only if the rows due at the next settle, their lengths and spans are exactly these (then the
-    plan is the one ``compact`` would make: the same device work on the same state)."""
+    """A compaction of ``rows`` (``row_index``: the same on the device) planned and queued on the device for physical
+    lengths ``held`` and protected ``spans``, which the host has still to finish (``DenseCompressor.compact``).
+
+    Queued ahead of the host's knowledge (``StaticSession.prepare``), its moves were gated on a device check of those
+    assumptions; the host finishes it only when the same check passes on the host, which implies that the rows due,
+    their lengths and spans are exactly these (``holds``)."""
 
     rows: list[int]
+    row_index: torch.Tensor
     held: list[int]
     spans: list[list[Span]]
     plan: KeepPlan
@@ -234,55 +238,62 @@ class DenseCompressor:
     # ------------------------------------------------------------------ compaction
     def compact_full_rows(self, prepared: PreparedCompaction | None = None) -> None:
         """Compact every row at or above its trigger, again while a compaction leaves it there (a prompt far longer
-        than the budget) and still removes tokens. ``prepared``: a plan made before the host knew the lengths and
-        spans (``prepare_compaction``), used only if they turned out as assumed."""
+        than the budget) and still removes tokens. ``prepared``: the first of these compactions, already queued
+        (``prepare_compaction``) for exactly the rows due now, at their lengths and spans."""
         lengths = self.slots.physical_len_host
         full = [row for row, length in enumerate(lengths) if length >= self.triggers[row]]
+        if prepared is not None and not prepared.holds(full, [lengths[row] for row in full],
+                                                       [self.tracker.protected_spans[row] for row in full]):
+            raise RuntimeError(
+                f"dynts: a compaction queued ahead was planned for rows {prepared.rows} at lengths {prepared.held}, "
+                f"but the rows due are {full} at lengths {[lengths[row] for row in full]} (or their protected spans "
+                "changed): the session's check of its assumptions let it through (a bug)")
         while full:
             before = {row: lengths[row] for row in full}
-            planned = prepared is not None and prepared.holds(full, [lengths[row] for row in full],
-                                                              [self.tracker.protected_spans[row] for row in full])
-            self.compact(full, prepared.plan if planned else None)
+            self.compact(full, prepared)
             prepared = None
             full = [row for row in full if before[row] > lengths[row] >= self.triggers[row]]
 
-    def prepare_compaction(self, rows: list[int], held: list[int]) -> PreparedCompaction:
-        """Score and plan ``rows`` as if they held ``held`` tokens and their protected spans were the tracker's
-        now: device work queued behind whatever is queued, nothing read back (see ``StaticSession.prepare``)."""
+    def prepare_compaction(self, rows: list[int], held: list[int],
+                           valid: torch.Tensor | None = None) -> PreparedCompaction:
+        """Score and plan ``rows`` as if they held ``held`` tokens and their protected spans were the tracker's now,
+        and queue the K/V and slot-state moves: device work queued behind whatever is queued, nothing read back.
+        ``valid`` (a device bool): where False, every row keeps all it holds (the moves change nothing); the same
+        for a plan with NaN scores, which ``compact`` then rejects. ``compact`` finishes it on the host."""
+        slots = self.slots
         spans = [list(self.tracker.protected_spans[row]) for row in rows]
-        return PreparedCompaction(rows, held, spans, self._plan(rows, held, spans))
+        row_index = to_device(rows, slots.device)
+        with torch.no_grad():
+            with self.stopwatch.measure("scoring"):
+                scores = self.scorer.score(row_index)
+            with self.stopwatch.measure("eviction"):
+                plan = plan_compaction(scores, slots.positions[:, row_index], held, spans, self.config,
+                                       num_layers=slots.num_layers, kv_heads=slots.kv_heads)
+                usable = ~plan.nan_scores.any()
+                if valid is not None:
+                    usable &= valid
+                self._move(row_index, plan.keep_index, plan.keep_count, usable)
+        return PreparedCompaction(rows, row_index, held, spans, plan)
 
-    def compact(self, rows: list[int], plan: KeepPlan | None = None) -> KeepPlan:
-        """Compact ``rows`` now: score their slots, plan with the policy (unless ``plan``, made for these rows at
-        their current lengths and spans, is given), move K/V and slot state. One read-back from the device (the
-        plan's counts), before anything moves."""
+    def compact(self, rows: list[int], prepared: PreparedCompaction | None = None) -> None:
+        """Compact ``rows`` now: score their slots, plan with the policy and queue the moves of K/V and slot state
+        (unless ``prepared`` did that for these rows at their current lengths and spans), then read the plan's
+        counts back (its one read-back, which waits for the planning only: the device moves while the host goes
+        on) and update the host's side. A plan with NaN scores moved nothing and raises here."""
         slots = self.slots
         held = [slots.physical_len_host[row] for row in rows]
         before = self._observed_positions(rows)
-        if plan is None:
-            plan = self._plan(rows, held, [self.tracker.protected_spans[row] for row in rows])
-        with torch.no_grad():
-            with self.stopwatch.measure("eviction"):
-                kept, overflow = plan.read()
-                self._apply(rows, plan.keep_index, kept)
+        if prepared is None:
+            prepared = self.prepare_compaction(rows, held)
+        kept, overflow = prepared.plan.read()
         for row, count, overflowed in zip(rows, kept, overflow):
+            slots.physical_len_host[row] = count
             self.triggers[row] = next_trigger(self.config, count, overflowed)
         self._stats.compactions += len(rows)
         self._stats.evicted_tokens += sum(held) - sum(kept)
         if before is not None and self.compaction_observer is not None:
             self.compaction_observer(rows, before, self._observed_positions(rows))
         self._overflow.check(overflow)
-        return plan
-
-    def _plan(self, rows: list[int], held: list[int], spans: list[list[Span]]) -> KeepPlan:
-        slots = self.slots
-        rows_t = to_device(rows, slots.device)
-        with torch.no_grad():
-            with self.stopwatch.measure("scoring"):
-                scores = self.scorer.score(rows_t)
-            with self.stopwatch.measure("eviction"):
-                return plan_compaction(scores, slots.positions[:, rows_t], held, spans, self.config,
-                                       num_layers=slots.num_layers, kv_heads=slots.kv_heads)
 
     def _observed_positions(self, rows: list[int]) -> list[torch.Tensor] | None:
         if self.compaction_observer is None:
@@ -290,10 +301,17 @@ class DenseCompressor:
         table = self.slots.positions[0, :, 0]
         return [table[row, : self.slots.physical_len_host[row]].cpu() for row in rows]
 
-    def _apply(self, rows: list[int], keep_index: torch.Tensor, kept: list[int]) -> None:
-        held = [self.slots.physical_len_host[row] for row in rows]
-        self.kv.compact(rows, keep_index, kept, held)
-        self.slots.compact(rows, keep_index, kept)
+    def _move(self, row_index: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+              usable: torch.Tensor | None = None) -> None:
+        """Move the K/V, then the slot state (which updates the device lengths the K/V move reads first). Where
+        ``usable`` (a device bool) is False, every row keeps all it holds instead: nothing moves."""
+        held = self.slots.physical_len[row_index]
+        if usable is not None:
+            every_slot = torch.arange(keep_index.shape[-1], device=keep_index.device)
+            keep_index = torch.where(usable, keep_index, every_slot)
+            keep_count = torch.where(usable, keep_count, held)
+        self.kv.compact(row_index, keep_index, keep_count, held)
+        self.slots.compact(row_index, keep_index, keep_count)
 
     def _drop_slots(self, keep: dict[int, list[int]]) -> None:
         """Keep only the listed slots of some rows (padding, masked history): not an eviction, nothing is scored."""
@@ -301,7 +319,10 @@ class DenseCompressor:
         width = max(1, max(len(keep[row]) for row in rows))
         table = [keep[row] + [0] * (width - len(keep[row])) for row in rows]  # padding past the keep count
         keep_index = to_device(table, self.slots.device).view(1, len(rows), 1, width)
-        self._apply(rows, keep_index, [len(keep[row]) for row in rows])
+        row_index, keep_count = to_device([rows, [len(keep[row]) for row in rows]], self.slots.device).unbind(0)
+        self._move(row_index, keep_index, keep_count)
+        for row in rows:
+            self.slots.physical_len_host[row] = len(keep[row])
 
     # ------------------------------------------------------------------ static decoding
     def static_session(self, input_ids: torch.Tensor, pad_token_id: int, readback_every: int = 64) -> StaticSession:

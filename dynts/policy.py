@@ -26,12 +26,12 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .config import CompressionConfig
-from .device import to_device
+from .device import HostCopy, to_device
 
 # A protected span that is still open (an answer being written) ends here: larger than any position.
 OPEN_END = 2**62
@@ -125,18 +125,25 @@ class KeepPlan:
     nan_scores:  [rows] bool, rows whose scores held NaN (``read`` rejects the plan).
 
     Valid by construction for ``kernels.compact_`` (kept indices strictly increasing, below the row's length, exactly
-    ``keep_count`` of them), so its owners move slots without checking it again on the device.
+    ``keep_count`` of them), so its owners move slots without checking it again on the device. An owner that queues
+    the moves before it reads the plan back gates them on ``nan_scores`` (``DenseCompressor``).
     """
 
     keep_index: torch.Tensor
     keep_count: torch.Tensor
     overflow: torch.Tensor
     nan_scores: torch.Tensor
+    _counts: HostCopy = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The counts start for the host as soon as they are planned (queued behind the planning), so that ``read``
+        # waits for them only, not for work queued after the plan, such as its own moves.
+        self._counts = HostCopy(torch.stack([self.keep_count, self.overflow.long(), self.nan_scores.long()]))
 
     def read(self) -> tuple[list[int], list[bool]]:
-        """(keep_count, overflow) on the host, in one read-back: the plan's only one. Raises
-        ValueError if a row's scores held NaN (call it before moving anything)."""
-        counts, overflow, nan_scores = torch.stack([self.keep_count, self.overflow.long(), self.nan_scores.long()]).tolist()
+        """(keep_count, overflow) on the host: the plan's only read-back, which waits for the planning and nothing
+        queued after it. Raises ValueError if a row's scores held NaN."""
+        counts, overflow, nan_scores = self._counts.wait().tolist()
         if any(nan_scores):
             rows = [row for row, bad in enumerate(nan_scores) if bad]
             raise ValueError(f"scores contain NaN (compacted rows {rows}); a scorer must return finite (or +-inf) "

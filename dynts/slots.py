@@ -17,7 +17,6 @@ state tensor at the slots a step is about to write, before any scorer looks at t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -132,18 +131,14 @@ class SlotTable:
         self.reallocations += 1
         return True
 
-    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int]) -> None:
+    def compact(self, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor) -> None:
         """Keep, for each of ``rows``, the slots ``keep_index[..., :keep_count]`` (a ``dynts.policy.KeepPlan``'s,
         valid by construction: moved without a device check): the same move the integration applies to the K/V.
-        Freed slots are marked -1 (their state is reset on reuse). Device work only: the host already knows the
-        counts."""
-        rows, keep_count = list(rows), list(keep_count)
-        rows_t, keep_count_t = to_device([rows, keep_count], self.device).unbind(0)
+        Freed slots are marked -1 (their state is reset on reuse). int64 tensors on this table's device, and device
+        work only: the owner sets ``physical_len_host`` of these rows once it has read the plan's counts."""
         tensors = [self.positions, *(state.tensor for state in self._states.values())]
-        kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows_t, keep_index, keep_count_t, check_values=False)
-        self.physical_len[rows_t] = keep_count_t
-        for row, count in zip(rows, keep_count):
-            self.physical_len_host[row] = count
+        kernels.compact_([tensor.unsqueeze(-1) for tensor in tensors], rows, keep_index, keep_count, check_values=False)
+        self.physical_len.index_copy_(0, rows, keep_count)
         slot = torch.arange(self.capacity, device=self.device).view(1, 1, 1, -1)
         self.positions.masked_fill_(slot >= self.physical_len.view(1, -1, 1, 1), -1)
 

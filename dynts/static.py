@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .config import check_int
-from .device import to_device
+from .device import HostCopy, to_device
 from .scorers.base import Step
 
 if TYPE_CHECKING:
@@ -25,11 +25,14 @@ class StaticSession:
     Inside a step only device work happens (capturable): ``lengths`` (start: each row's attention length; claims
     the new slots), ``write`` (each layer's K/V at each row's physical end: ``kv_slots``), ``commit`` (slot positions,
     scorer observation, device lengths, the fed token logged, rows that fed an EOS deactivated). The host does not
-    look at every step: it knows how the lengths of active rows grow, so it only synchronises (``read`` the logged
-    tokens, then ``settle``: update the tracker, compact in place, record stats) when a row may reach its trigger or
-    the token log is full (``due``); the driver may queue the next step between the two when no row can have reached
-    its trigger, or else inside ``settle`` right after the compaction is queued, so that the host's bookkeeping
-    overlaps it. Buffers only move on a capacity growth, after which the driver captures again.
+    look at every step: it knows how the lengths of active rows grow, so it only synchronises when a row may reach
+    its trigger or the token log is full (``due``): ``prepare`` queues the logged tokens' copy to the host and, if a
+    row may reach its trigger, its compaction behind the steps (gated on the device by a check of what it assumes);
+    ``read`` waits for the tokens; ``settle`` updates the tracker, finishes that compaction (or plans it again if the
+    check failed), records stats. The driver may queue the next step between ``read`` and ``settle`` when no row can
+    have reached its trigger, or else inside ``settle`` once the compaction is finished on the host, so that the
+    host's bookkeeping overlaps the device's work. Buffers only move on a capacity growth, after which the driver
+    captures again.
 
     The K/V storage is in its ring layout while the session is open (``KVStorage``: a compaction then leaves the
     local window where it is); attention reads each row from ``kv_start``. ``close`` restores the plain layout.
@@ -44,6 +47,11 @@ class StaticSession:
         self.readback_every = check_int("readback_every", readback_every, minimum=1)
         self.active = to_device([not done for done in tracker.finished], device, torch.bool)
         self.eos_token_ids = to_device(sorted(tracker.eos_token_ids), device)
+        # Tokens that break what a compaction queued ahead assumes (``prepare``): an EOS (the row stops growing) or a
+        # token of the end-of-thinking marker (an answer span may open and be protected).
+        watched = set(tracker.eos_token_ids) | (set(tracker.think_end) if tracker.protect_answer else set())
+        self._watched = frozenset(watched)
+        self._watched_on_device = to_device(sorted(watched), device)
         self.step = Step(
             input_ids=input_ids, hidden_states=None, slots=slots.physical_len.view(-1, 1),
             positions=torch.full((rows, 1), compressor.logical_len, dtype=torch.long, device=device),
@@ -60,7 +68,9 @@ class StaticSession:
         self.kv_slots = compressor.kv.physical_index(self.step.slots).view(-1)
         self._unsynced = 0
         self._step_before_settling = False
+        self._logged: HostCopy | None = None  # the tokens of the steps since the last read, on their way to the host
         self._prepared: PreparedCompaction | None = None
+        self._running_when_prepared: list[bool] = []
         self._plan_next_sync()
 
     def close(self) -> None:
@@ -124,33 +134,50 @@ class StaticSession:
         return self._unsynced >= self._countdown
 
     def prepare(self) -> None:
-        """Before the host waits for the steps queued since the last read: if a row may reach its trigger in them,
-        plan its compaction now, queued behind those steps, assuming that no row was fed an EOS before the last of
-        them (rows still growing by one per step) and that no protected span changed; ``settle`` uses the plan only
-        if that held and plans again otherwise. The host's planning (dozens of small launches) then overlaps the
-        steps still running instead of holding the device idle after them."""
+        """Before the host waits for the steps queued since the last read: queue the copy of the tokens they fed to
+        the host (``read`` waits for that copy only) and, if a row may reach its trigger in them, its compaction
+        (planned and moved behind those steps: ``DenseCompressor.prepare_compaction``), so that the device does not
+        wait for the host's bookkeeping at a compaction. The compaction assumes what the host does not know yet:
+        that no row still running was fed an EOS or a token of the end-of-thinking marker in these steps (so each
+        grew by one token per step and no protected span changed). The device checks that on the tokens it logged
+        and moves nothing where it fails; ``settle`` makes the same check on the host, then finishes the compaction
+        or plans it again."""
         self._prepared = None
         compressor, steps = self.compressor, self._unsynced
-        if self._room > steps:
+        logged = self._log[:, :steps]
+        self._logged = HostCopy(logged)
+        self._log_position.zero_()
+        if not steps or self._room > steps:
             return
         finished = compressor.tracker.finished
         held = [length + (0 if done else steps) for length, done in zip(compressor.slots.physical_len_host, finished)]
         rows = [row for row, length in enumerate(held) if length >= compressor.triggers[row]]
-        if rows:
-            self._prepared = compressor.prepare_compaction(rows, [held[row] for row in rows])
+        if not rows:
+            return
+        self._running_when_prepared = [not done for done in finished]
+        running = to_device(self._running_when_prepared, logged.device, torch.bool)
+        broken = (torch.isin(logged, self._watched_on_device) & running.view(-1, 1)).any()
+        self._prepared = compressor.prepare_compaction(rows, [held[row] for row in rows], valid=~broken)
 
     def read(self) -> list[list[int]]:
-        """The tokens fed since the last read, per row (one device synchronisation); the token log starts over.
+        """The tokens fed since the last read, per row: waits for the steps that fed them (for the copy ``prepare``
+        queued), not for a compaction queued after them; the token log starts over.
 
         Until ``settle`` tracks them, the driver may run one more step if ``may_step_before_settling``: the host's
         bookkeeping then overlaps that step instead of holding the device idle."""
+        if self._logged is None:
+            raise RuntimeError("StaticSession.read: call prepare() first (it queues the tokens' copy to the host)")
         steps = self._unsynced
-        logged = self._log[:, :steps].tolist()
-        self._log_position.zero_()
+        logged = self._logged.wait().tolist()
         self._unsynced = 0
         # No row can have reached its trigger in these steps, so nothing is compacted before the next one.
         self._step_before_settling = self._room > steps
         return logged
+
+    @property
+    def steps_ran(self) -> torch.cuda.Event | None:
+        """A CUDA event recorded right after the steps of the last ``read`` (None off CUDA), for timing."""
+        return None if self._logged is None else self._logged.done
 
     @property
     def may_step_before_settling(self) -> bool:
@@ -171,20 +198,24 @@ class StaticSession:
         # one), then each step's lengths for the stats.
         plan = tracker.feed(steps, logged, None)
         lengths = slots.physical_len_host
-        grown = [list(accumulate(kept, initial=length))[1:] for length, kept in zip(lengths, plan.stored)]
-        for row, tokens in enumerate(logged):
-            lengths[row] = grown[row][-1]
-            self.fed[row].extend(tokens)
-        compressor.compact_full_rows(self._prepared)
-        self._prepared = None
+        before = list(lengths)
+        for row, kept in enumerate(plan.stored):
+            lengths[row] += sum(kept)
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and self._broken(logged):
+            prepared = None  # the device made the same check and moved nothing: plan again, now that the host knows
+        compressor.compact_full_rows(prepared)
         capacity = compressor.kv.capacity
         compressor.ensure_capacity(max(compressor.triggers))
         moved = compressor.kv.capacity != capacity
         self._plan_next_sync()
         if step_ahead is not None and not moved:
             step_ahead()
-        # The steps' stats after the compaction (and perhaps the next step) is queued: the host records them while
-        # the device works.
+        # What only the host needs comes after the compaction (and perhaps the next step) is queued, while the
+        # device works: the fed tokens, and the stats of each step (its lengths before the compaction).
+        for row, tokens in enumerate(logged):
+            self.fed[row].extend(tokens)
+        grown = [list(accumulate(kept, initial=length))[1:] for length, kept in zip(before, plan.stored)]
         for offset in range(steps - 1):
             compressor.record_stats([row[offset] for row in grown])
         compressor.record_stats()
@@ -194,6 +225,13 @@ class StaticSession:
     def finished(self) -> bool:
         """Every row finished (as of the last settle)."""
         return all(self.compressor.tracker.finished)
+
+    def _broken(self, logged: list[list[int]]) -> bool:
+        """The host's side of the check ``prepare`` queued on the device (the same rule on the same tokens): a row
+        running when the compaction was prepared was fed a watched token."""
+        watched = self._watched
+        return any(running and not watched.isdisjoint(tokens)
+                   for running, tokens in zip(self._running_when_prepared, logged))
 
     def _plan_next_sync(self) -> None:
         """Steps until a row still growing may reach its trigger, or the token log fills."""

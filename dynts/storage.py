@@ -20,12 +20,9 @@ Two layouts of a row's slots (slot s = the s-th token the slot table lists):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from . import kernels
-from .device import to_device
 from .slots import grow_slots
 
 
@@ -55,10 +52,11 @@ class KVStorage:
         self.keys = torch.zeros(num_layers, rows, kv_heads, capacity, key_dim, dtype=dtype, device=self.device)
         self.values = torch.zeros(num_layers, rows, self.value_heads, capacity, value_dim, dtype=dtype, device=self.device)
         self.ring = False
-        # Ring layout only: the index of each row's slot 0 (on the device for kernels, mirrored on the host); all zero
-        # in the plain layout. Updated in place, so that a captured CUDA graph reads the current values.
+        # Ring layout only: the index of each row's slot 0; all zero in the plain layout. Updated in place, so that a
+        # captured CUDA graph reads the current values; the host never reads it, it only knows whether a ring
+        # compaction may have moved a start since the last unroll (``_rotated``).
         self.start = torch.zeros(rows, dtype=torch.long, device=self.device)
-        self.start_host = [0] * rows
+        self._rotated = False
 
     @property
     def bytes_per_token(self) -> int:
@@ -97,25 +95,20 @@ class KVStorage:
         self.keys[layer][rows, :, slots] = key_states.transpose(1, 2)
         self.values[layer][rows, :, slots] = value_states.transpose(1, 2)
 
-    def compact(self, rows: Sequence[int], keep_index: torch.Tensor, keep_count: Sequence[int],
-                held: Sequence[int]) -> None:
+    def compact(self, rows: torch.Tensor, keep_index: torch.Tensor, keep_count: torch.Tensor,
+                held: torch.Tensor) -> None:
         """Keep, for each of ``rows`` (holding ``held`` slots), the slots ``keep_index[..., :keep_count]`` of every
         layer (a ``dynts.policy.KeepPlan``'s, valid by construction: moved without a device check; one launch each
-        for K and V), in this storage's layout."""
-        rows, keep_count = list(rows), list(keep_count)
+        for K and V), in this storage's layout. All int64 tensors on this storage's device, and device work only:
+        the moves are queued without the host knowing the counts (``held`` is read in the ring layout only)."""
         if not self.ring:
-            rows_t, keep_count_t = to_device([rows, keep_count], self.device).unbind(0)
-            kernels.compact_((self.keys, self.values), rows_t, keep_index, keep_count_t, check_values=False)
+            kernels.compact_((self.keys, self.values), rows, keep_index, keep_count, check_values=False)
             return
-        start = [self.start_host[row] for row in rows]
-        new_start = [(first + length - count) % self.capacity for first, length, count in zip(start, held, keep_count)]
-        rows_t, keep_count_t, held_t, start_t, new_start_t = to_device(
-            [rows, keep_count, list(held), start, new_start], self.device).unbind(0)
-        kernels.compact_ring_((self.keys, self.values), rows_t, keep_index, keep_count_t, held_t, start_t,
+        start = self.start[rows]
+        kernels.compact_ring_((self.keys, self.values), rows, keep_index, keep_count, held, start,
                               check_values=False)
-        self.start.index_copy_(0, rows_t, new_start_t)
-        for row, first in zip(rows, new_start):
-            self.start_host[row] = first
+        self.start.index_copy_(0, rows, torch.remainder(start + held - keep_count, self.capacity))
+        self._rotated = True
 
     # ------------------------------------------------------------------ ring layout
     def set_ring(self, enabled: bool) -> None:
@@ -131,7 +124,7 @@ class KVStorage:
     def keys_in_slot_order(self, layer: int) -> torch.Tensor:
         """[rows, kv_heads, capacity, key_dim]: slot s of each row at index s (the buffer itself in the plain layout;
         a gathered copy in the ring layout)."""
-        if not any(self.start_host):
+        if not self._rotated:
             return self.keys[layer]
         return torch.gather(self.keys[layer], 2, self._slot_order(self.keys))
 
@@ -143,11 +136,11 @@ class KVStorage:
 
     def _unroll(self) -> None:
         """Rotate every row to start 0 (one layer at a time: the copy holds one layer's buffer)."""
-        if not any(self.start_host):
+        if not self._rotated:
             return
         for buffer in (self.keys, self.values):
             index = self._slot_order(buffer)
             for layer in range(self.num_layers):
                 buffer[layer].copy_(torch.gather(buffer[layer], 2, index))
         self.start.zero_()
-        self.start_host = [0] * self.rows
+        self._rotated = False

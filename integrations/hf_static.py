@@ -189,14 +189,12 @@ class StaticDecoder:
             """The session's read and settle after the steps queued since the last one; records when they ran (see
             ``_record_timings``). ``step_ahead``: queue the next step as early as it may be, so that the host's
             bookkeeping overlaps it: before settling when no compaction can be due, else right after the settle
-            queued the compaction (behind its moves). True when the buffers moved (the graph must be captured
+            finished the compaction (behind its moves). True when the buffers moved (the graph must be captured
             again)."""
             steps = session.unsynced_steps
-            session.prepare()  # a compaction that may be due is planned while the steps run
-            if input_ids.is_cuda:
-                torch.cuda.current_stream(input_ids.device).synchronize()  # the read would wait for them anyway
-            drained, drained_event = time.perf_counter(), _device_mark(input_ids.device)
-            logged = session.read()
+            session.prepare()  # queued behind the steps: their tokens' copy to the host, a compaction that may be due
+            logged = session.read()  # waits for the steps only, not for that compaction
+            drained, drained_event = time.perf_counter(), session.steps_ran
             queued = None  # (host time, device mark) at which the next step was queued, if it was
 
             def step_after_settle() -> None:

@@ -1,12 +1,13 @@
-"""``dynts.device.to_device``: the right values on the device, and on a GPU a copy that does not wait for the work
-already queued (a compaction makes five of them between kernels)."""
+"""``dynts.device``: ``to_device`` gives the right values on the device and, on a GPU, a copy that does not wait for
+the work already queued; ``HostCopy`` gives the values as they were when it was made and, on a GPU, waits for its
+own copy only, not for the work queued after it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dynts.device import to_device
+from dynts.device import HostCopy, to_device
 
 
 def test_values_dtype_and_device() -> None:
@@ -36,3 +37,23 @@ def test_the_pageable_copy_waits_so_the_check_above_can_fail() -> None:
     torch.cuda._sleep(500_000_000)
     torch.tensor(list(range(1000))).to("cuda")
     assert torch.cuda.current_stream().query()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
+def test_a_host_copy_holds_the_values_as_they_were_when_made(device: str) -> None:
+    tensor = torch.arange(12, device=device).view(3, 4)[:, :3]  # a strided slice, as the token log's
+    copy = HostCopy(tensor)
+    tensor.zero_()  # queued after the copy
+    assert copy.wait().tolist() == [[0, 1, 2], [4, 5, 6], [8, 9, 10]]
+    assert copy.wait().device.type == "cpu"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the copy is only asynchronous there)")
+def test_a_host_copy_does_not_wait_for_work_queued_after_it() -> None:
+    torch.cuda.synchronize()
+    values = torch.arange(64, device="cuda")
+    copy = HostCopy(values)
+    torch.cuda._sleep(500_000_000)
+    assert copy.wait().tolist() == list(range(64))
+    assert not torch.cuda.current_stream().query(), "HostCopy.wait waited for the kernel queued after the copy"

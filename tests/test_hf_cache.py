@@ -293,6 +293,45 @@ def test_scorer_shape_mismatch_is_reported() -> None:
         model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=12, past_key_values=cache, **GENERATE)
 
 
+class NaNInRowOneScorer(Scorer):
+    """Recency, but NaN for every slot of row 1."""
+
+    name = "nan-in-row-one"
+
+    def score(self, rows: torch.Tensor) -> torch.Tensor:
+        scores = self.slots.positions[:, rows].double()
+        scores[:, rows == 1] = float("nan")
+        return scores
+
+
+def test_nan_scores_raise_and_the_compaction_moves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compaction queues its moves before it reads the plan back; with NaN scores in one row, the error comes
+    from that read, and no row (not the clean one either) lost or moved anything: K/V, positions and lengths are
+    as they were."""
+    from dynts.compressor import DenseCompressor
+
+    model = tiny_model("llama", "sdpa")
+    cache = DynTSCache(model, CompressionConfig(budget=8, window=2), scorer=NaNInRowOneScorer(), eos_token_id=NO_EOS)
+    before = []
+    compact = DenseCompressor.compact
+
+    def state(compressor: DenseCompressor) -> list:
+        tensors = (compressor.kv.keys, compressor.kv.values, compressor.slots.positions, compressor.slots.physical_len)
+        return [tensor.clone() for tensor in tensors] + [list(compressor.slots.physical_len_host)]
+
+    def compact_after_snapshot(self, rows, ahead=None):
+        before.append((rows, state(self)))
+        return compact(self, rows, ahead)
+
+    monkeypatch.setattr(DenseCompressor, "compact", compact_after_snapshot)
+    with pytest.raises(ValueError, match=r"NaN \(compacted rows \[1\]\)"):
+        model.generate(torch.tensor([[5, 6, 7], [8, 9, 10]]), max_new_tokens=12, past_key_values=cache, **GENERATE)
+    [(rows, snapshot)] = before
+    assert rows == [0, 1]
+    for old, now in zip(snapshot, state(cache.compressor)):
+        assert torch.equal(old, now) if isinstance(old, torch.Tensor) else old == now
+
+
 def test_hooks_do_not_affect_other_caches() -> None:
     model = tiny_model("llama", "sdpa")
     ids = torch.tensor([[5, 6, 7, 8]])

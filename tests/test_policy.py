@@ -69,6 +69,18 @@ def test_nan_scores_are_rejected():
         plan.read()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the counts are copied asynchronously)")
+def test_reading_a_plan_waits_for_the_planning_only():
+    """A kernel queued after the plan (as a compaction's moves are) is still running when ``read`` returns."""
+    config = CompressionConfig(budget=6, window=1, keep_ratio=0.5)
+    scores = torch.arange(12.0, device="cuda").view(1, 2, 1, 6)
+    plan = select_keep(scores, [6, 5], torch.zeros(1, 2, 1, 6, dtype=torch.bool, device="cuda"), config)
+    torch.cuda._sleep(500_000_000)  # spins the GPU for well over 100 ms
+    counts, overflow = plan.read()
+    assert not torch.cuda.current_stream().query(), "read waited for the kernel queued after the plan"
+    assert counts == plan.keep_count.tolist() == [3, 3] and overflow == [False, False]
+
+
 def test_lengths_outside_the_scored_slots_are_rejected():
     config = CompressionConfig(budget=3, window=1)
     scores = torch.zeros(1, 2, 1, 3)

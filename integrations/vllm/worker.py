@@ -142,8 +142,12 @@ class _RequestSlots:
             )
         return plan.keep_index, plan.keep_count, overflow
 
-    def compact(self, keep_index: torch.Tensor, keep_count: int) -> None:
-        self.table.compact([0], keep_index, [keep_count])
+    def compact(self, keep_index: torch.Tensor, keep_count: torch.Tensor, kept: int) -> None:
+        """Move the slot state as the plan moved the K/V: ``keep_count`` on the device, ``kept`` (the plan's count
+        as read, the scheduler's) on the host."""
+        table = self.table
+        table.compact(torch.zeros(1, dtype=torch.long, device=table.device), keep_index, keep_count)
+        table.physical_len_host[0] = kept
 
     def resident_positions(self) -> list[int]:
         return self.table.resident_positions(0)[0].tolist()
@@ -359,7 +363,7 @@ class DynTSWorker:
         else:
             table = torch.as_tensor([block_ids], dtype=torch.long, device=self.device)
             kernels.compact_paged_([_plane_first(cache) for cache in self.kv_caches], table, keep_index, keep_count)
-        slots.compact(keep_index, command.keep_count)
+        slots.compact(keep_index, keep_count, command.keep_count)
         self._truncate_blocks(runner, command.req_id, -(-command.keep_count // self.block_size))
         self.stats.compactions += 1
         self.stats.evicted_tokens += command.physical_len - command.keep_count
