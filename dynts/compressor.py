@@ -44,6 +44,7 @@ class PreparedCompaction:
     held: list[int]
     spans: list[list[Span]]
     plan: KeepPlan
+    before: torch.Tensor | None = None  # [rows, capacity] layer 0 / head 0 positions before the moves (an observer's)
 
     def holds(self, rows: list[int], held: list[int], spans: Sequence[Sequence[Span]]) -> bool:
         return self.rows == rows and self.held == held and self.spans == [list(row) for row in spans]
@@ -272,8 +273,10 @@ class DenseCompressor:
                 usable = ~plan.nan_scores.any()
                 if valid is not None:
                     usable &= valid
+                # What an observer sees as held before: copied on the device, ahead of the moves.
+                before = None if self.compaction_observer is None else slots.positions[0, row_index, 0].clone()
                 self._move(row_index, plan.keep_index, plan.keep_count, usable)
-        return PreparedCompaction(rows, row_index, held, spans, plan)
+        return PreparedCompaction(rows, row_index, held, spans, plan, before)
 
     def compact(self, rows: list[int], prepared: PreparedCompaction | None = None) -> None:
         """Compact ``rows`` now: score their slots, plan with the policy and queue the moves of K/V and slot state
@@ -282,7 +285,6 @@ class DenseCompressor:
         on) and update the host's side. A plan with NaN scores moved nothing and raises here."""
         slots = self.slots
         held = [slots.physical_len_host[row] for row in rows]
-        before = self._observed_positions(rows)
         if prepared is None:
             prepared = self.prepare_compaction(rows, held)
         kept, overflow = prepared.plan.read()
@@ -291,13 +293,12 @@ class DenseCompressor:
             self.triggers[row] = next_trigger(self.config, count, overflowed)
         self._stats.compactions += len(rows)
         self._stats.evicted_tokens += sum(held) - sum(kept)
-        if before is not None and self.compaction_observer is not None:
+        if prepared.before is not None and self.compaction_observer is not None:
+            before = [held_positions[:length].cpu() for held_positions, length in zip(prepared.before, held)]
             self.compaction_observer(rows, before, self._observed_positions(rows))
         self._overflow.check(overflow)
 
-    def _observed_positions(self, rows: list[int]) -> list[torch.Tensor] | None:
-        if self.compaction_observer is None:
-            return None
+    def _observed_positions(self, rows: list[int]) -> list[torch.Tensor]:
         table = self.slots.positions[0, :, 0]
         return [table[row, : self.slots.physical_len_host[row]].cpu() for row in rows]
 

@@ -246,9 +246,8 @@ class CompactionLog:
 
     A row holds every column it is fed (its real prompt tokens, then one generated token per pass) until a
     compaction keeps a subset, so what it held before a compaction is what its previous compaction kept (at first,
-    its real prompt columns) plus the columns fed since. That set is rebuilt here: the observer's ``before`` tensors
-    are views of the slot table, which the compaction has already overwritten when the observer runs on CPU; their
-    lengths are still right, and each rebuilt set is checked against them."""
+    its real prompt columns) plus the columns fed since. That set is rebuilt here and checked against the cache's
+    own ``before`` positions (copied before the moves), so a log that lost track fails loudly."""
 
     def __init__(self, cache: Any, attention_mask: torch.Tensor) -> None:
         self.cache = cache
@@ -260,9 +259,10 @@ class CompactionLog:
         columns = self.cache.compressor.logical_len  # every column fed so far, this pass's included
         for row, held_before, kept in zip(rows, before, after):
             held = self.held[row] + list(range(self.columns_seen[row], columns))
-            if len(held) != len(held_before):
-                raise RuntimeError(f"row {row} held {len(held_before)} positions before a compaction; the log counts "
-                                   f"{len(held)}: a row no longer keeps every column it is fed")
+            if held != held_before.tolist():
+                raise RuntimeError(f"row {row} held {len(held_before)} positions before a compaction, the log rebuilt "
+                                   f"{len(held)} ({'others' if len(held) == len(held_before) else 'a different count'})"
+                                   ": a row no longer keeps every column it is fed")
             self.held[row], self.columns_seen[row] = kept.tolist(), columns
             self.events.append((row, held, self.held[row]))
 

@@ -358,6 +358,33 @@ def test_compactions_queued_ahead_are_finished_or_planned_again(device: str, mon
     _assert_same_run(fast, fast_cache, plain, plain_cache)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_compaction_observer_sees_what_the_plain_path_shows_it(device: str) -> None:
+    """A ``compaction_observer`` gets, per compaction, the positions each row held before and kept after; for a
+    compaction queued ahead of the host the 'before' must be read ahead of the moves too."""
+    model, ids, mask = _models(device, torch.float32)
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5)
+    seen = {}
+    for path in ("plain", "fast"):
+        cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
+        events = seen[path] = []
+        cache.compressor.compaction_observer = lambda rows, before, after, events=events: events.append(
+            (rows, [held.tolist() for held in before], [kept.tolist() for kept in after]))
+        if path == "plain":
+            model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=60, do_sample=False,
+                           eos_token_id=2, pad_token_id=0)
+        else:
+            StaticDecoder(model, cache).generate(ids, attention_mask=mask, max_new_tokens=60, readback_every=4)
+    assert len(seen["plain"]) >= 4
+    last_kept = {}
+    for rows, befores, kepts in seen["plain"]:  # each 'before': the row's last kept set, then the columns fed since
+        for row, before, kept in zip(rows, befores, kepts):
+            assert before == sorted(set(before)) and min(before) >= 0 and set(kept) < set(before)
+            assert before[: len(last_kept.get(row, []))] == last_kept.get(row, [])
+            last_kept[row] = kept
+    assert seen["fast"] == seen["plain"]
+
+
 def test_ring_storage_holds_what_the_plain_storage_holds() -> None:
     """The same writes and compactions on a ring-laid-out and a plain ``KVStorage``: read in slot order (the copy
     ``keys_in_slot_order`` gives), after a growth of the buffers (which unrolls the ring) and after leaving the ring

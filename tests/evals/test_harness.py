@@ -190,11 +190,13 @@ def test_the_compaction_log_checks_its_rebuilt_positions_against_the_cache() -> 
             logical_len = 6
 
     log = CompactionLog(Cache(), torch.tensor([[0, 1, 1, 1]]))  # one padding column, then 3 prompt tokens
-    log([0], [torch.arange(5)], [torch.tensor([1, 2, 5])])  # held before: columns 1-3 and the generated 4, 5
+    log([0], [torch.arange(1, 6)], [torch.tensor([1, 2, 5])])  # held before: columns 1-3 and the generated 4, 5
     assert log.events == [(0, [1, 2, 3, 4, 5], [1, 2, 5])]
     Cache.compressor.logical_len = 9
-    with pytest.raises(RuntimeError, match="held 3 positions before a compaction; the log counts 6"):
-        log([0], [torch.arange(3)], [torch.tensor([1])])
+    with pytest.raises(RuntimeError, match="held 3 positions before a compaction, the log rebuilt 6 .a different"):
+        log([0], [torch.tensor([1, 2, 5])], [torch.tensor([1])])
+    with pytest.raises(RuntimeError, match="held 6 positions before a compaction, the log rebuilt 6 .others"):
+        log([0], [torch.tensor([1, 2, 5, 6, 7, 9])], [torch.tensor([1])])
 
 
 def test_resident_fraction_runs_every_mode_at_the_same_mean_kv(tmp_path: Path) -> None:
