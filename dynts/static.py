@@ -69,6 +69,7 @@ class StaticSession:
         self._unsynced = 0
         self._step_before_settling = False
         self._logged: HostCopy | None = None  # the tokens of the steps since the last read, on their way to the host
+        self._steps_ran: torch.cuda.Event | None = None
         self._prepared: PreparedCompaction | None = None
         self._running_when_prepared: list[bool] = []
         self._plan_next_sync()
@@ -169,6 +170,7 @@ class StaticSession:
             raise RuntimeError("StaticSession.read: call prepare() first (it queues the tokens' copy to the host)")
         steps = self._unsynced
         logged = self._logged.wait().tolist()
+        self._steps_ran, self._logged = self._logged.done, None
         self._unsynced = 0
         # No row can have reached its trigger in these steps, so nothing is compacted before the next one.
         self._step_before_settling = self._room > steps
@@ -177,7 +179,7 @@ class StaticSession:
     @property
     def steps_ran(self) -> torch.cuda.Event | None:
         """A CUDA event recorded right after the steps of the last ``read`` (None off CUDA), for timing."""
-        return None if self._logged is None else self._logged.done
+        return self._steps_ran
 
     @property
     def may_step_before_settling(self) -> bool:

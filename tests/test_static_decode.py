@@ -385,6 +385,25 @@ def test_a_compaction_observer_sees_what_the_plain_path_shows_it(device: str) ->
     assert seen["fast"] == seen["plain"]
 
 
+def test_a_session_reads_only_the_tokens_it_prepared() -> None:
+    """``read`` returns the tokens whose copy ``prepare`` queued, once: reading again without preparing again is an
+    error, not the same tokens twice."""
+    model, ids, mask = _models("cpu", torch.float32)
+    cache = DynTSCache(model, CompressionConfig(budget=48, window=8), scorer=_scorer(model))
+    cache.start_call(ids.shape[1], [2], 0)
+    model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    session = cache.compressor.static_session(ids[:, -1:].clone(), pad_token_id=0)
+    try:
+        with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+            session.read()
+        session.prepare()
+        assert session.read() == [[], [], []]
+        with pytest.raises(RuntimeError, match=r"call prepare\(\) first"):
+            session.read()
+    finally:
+        session.close()
+
+
 def test_ring_storage_holds_what_the_plain_storage_holds() -> None:
     """The same writes and compactions on a ring-laid-out and a plain ``KVStorage``: read in slot order (the copy
     ``keys_in_slot_order`` gives), after a growth of the buffers (which unrolls the ring) and after leaving the ring
