@@ -47,9 +47,11 @@ class StaticSession:
         self.readback_every = check_int("readback_every", readback_every, minimum=1)
         self.active = to_device([not done for done in tracker.finished], device, torch.bool)
         self.eos_token_ids = to_device(sorted(tracker.eos_token_ids), device)
-        # Tokens that break what a compaction queued ahead assumes (``prepare``): an EOS (the row stops growing) or a
-        # token of the end-of-thinking marker (an answer span may open and be protected).
-        watched = set(tracker.eos_token_ids) | (set(tracker.think_end) if tracker.protect_answer else set())
+        # Tokens that break what a compaction queued ahead assumes (``prepare``): an EOS (the row stops growing) or the
+        # last token of the end-of-thinking marker (an answer span may open and be protected: a marker found in these
+        # steps ends in them, and one that ended earlier was found then).
+        answer_opens = tracker.think_end[-1:] if tracker.protect_answer else ()
+        watched = set(tracker.eos_token_ids) | set(answer_opens)
         self._watched = frozenset(watched)
         self._watched_on_device = to_device(sorted(watched), device)
         self.step = Step(
@@ -139,7 +141,7 @@ class StaticSession:
         the host (``read`` waits for that copy only) and, if a row may reach its trigger in them, its compaction
         (planned and moved behind those steps: ``DenseCompressor.prepare_compaction``), so that the device does not
         wait for the host's bookkeeping at a compaction. The compaction assumes what the host does not know yet:
-        that no row still running was fed an EOS or a token of the end-of-thinking marker in these steps (so each
+        that no row still running was fed an EOS or the end-of-thinking marker's last token in these steps (so each
         grew by one token per step and no protected span changed). The device checks that on the tokens it logged
         and moves nothing where it fails; ``settle`` makes the same check on the host, then finishes the compaction
         or plans it again."""

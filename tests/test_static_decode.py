@@ -330,16 +330,19 @@ def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytes
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compactions_queued_ahead_are_finished_or_planned_again(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("think_end", [(87,), (23, 87)])
+def test_compactions_queued_ahead_are_finished_or_planned_again(device: str, think_end: tuple[int, ...],
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The session queues a compaction behind the steps before the host has read their tokens
     (``StaticSession.prepare``), its moves gated on the device by a check that no running row was fed an EOS or an
     end-of-thinking token in them. Where the check passed, the host finishes that compaction; where it failed, the
-    device must have moved nothing and the host plans again. Both happen here (the marker is a token this model
-    emits often), and the result, the lengths after every step and the resident positions are the plain path's."""
+    device must have moved nothing and the host plans again. Both happen here (the marker, of one or two tokens, ends
+    with a token this model emits often), and the result, the lengths after every step and the resident positions
+    are the plain path's."""
     from dynts.compressor import DenseCompressor
 
     model, ids, mask = _models(device, torch.float32)
-    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=(87,))
+    config = CompressionConfig(budget=48, window=8, keep_ratio=0.5, think_end=think_end)
     plain_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     plain = model.generate(ids, attention_mask=mask, past_key_values=plain_cache, max_new_tokens=90,
                            do_sample=False, eos_token_id=2, pad_token_id=0)
@@ -353,8 +356,8 @@ def test_compactions_queued_ahead_are_finished_or_planned_again(device: str, mon
     monkeypatch.setattr(DenseCompressor, "compact", spy)
     fast_cache = DynTSCache(model, config, scorer=_scorer(model), eos_token_id=[2])
     fast = StaticDecoder(model, fast_cache).generate(ids, attention_mask=mask, max_new_tokens=90, readback_every=4)
-    # Planned again: the prefill's compaction (never queued ahead) and at least two whose check failed.
-    assert len(finished) >= 2 and len(planned_again) >= 3, (finished, planned_again)
+    # Planned again: the prefill's compaction (never queued ahead) and at least one whose check failed.
+    assert len(finished) >= 2 and len(planned_again) >= 2, (finished, planned_again)
     _assert_same_run(fast, fast_cache, plain, plain_cache)
 
 
