@@ -56,6 +56,7 @@ class _RequestSlots:
         self.config = config
         self.table = SlotTable(rows=1, capacity=config.trigger, layers_g=1, heads_g=1, num_layers=geometry.num_layers,
                                kv_heads=geometry.kv_heads, device=device)
+        self.row_index = torch.zeros(1, dtype=torch.long, device=device)  # the table's one row, as kernels take it
         self.scorer = scorer
         # dtype: the model's, as the K/V of an HF DynTSCache (scorers such as the predictor run in it).
         scorer.bind(CacheView(self.table, geometry, config, dtype, keys=keys))
@@ -124,9 +125,8 @@ class _RequestSlots:
                 f"holds {self.logical_len}/{self.physical_len}"
             )
         table = self.table
-        rows = torch.zeros(1, dtype=torch.long, device=table.device)
         with torch.no_grad():
-            scores = self.scorer.score(rows)
+            scores = self.scorer.score(self.row_index)
             if combine is not None:
                 scores = combine(scores)
             plan = plan_compaction(
@@ -145,9 +145,8 @@ class _RequestSlots:
     def compact(self, keep_index: torch.Tensor, keep_count: torch.Tensor, kept: int) -> None:
         """Move the slot state as the plan moved the K/V: ``keep_count`` on the device, ``kept`` (the plan's count
         as read, the scheduler's) on the host."""
-        table = self.table
-        table.compact(torch.zeros(1, dtype=torch.long, device=table.device), keep_index, keep_count)
-        table.physical_len_host[0] = kept
+        self.table.compact(self.row_index, keep_index, keep_count)
+        self.table.physical_len_host[0] = kept
 
     def resident_positions(self) -> list[int]:
         return self.table.resident_positions(0)[0].tolist()
