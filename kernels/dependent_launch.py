@@ -61,3 +61,12 @@ def wait_for_prior_kernel(GRID_DEPENDENT: tl.constexpr):
     if GRID_DEPENDENT:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def prefetch_to_l2(pointers):
+    """Ask for the cache lines at ``pointers`` (one per 128 bytes is enough) to be brought into L2, without waiting
+    for them. Before ``wait_for_prior_kernel`` only for memory no kernel of the step writes (weights): the programs of
+    a dependent kernel are resident while the kernel before it drains, so its first weight tiles arrive meanwhile."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [pointers], dtype=tl.int32,
+                              is_pure=False, pack=1)

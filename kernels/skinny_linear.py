@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .dependent_launch import dependent_launch_options, wait_for_prior_kernel
+from .dependent_launch import dependent_launch_options, prefetch_to_l2, wait_for_prior_kernel
 from .dispatch import dots_in_float32, interpreting, multiprocessors
 from .last_arrival import arrival_counters, last_to_arrive
 
@@ -102,6 +102,21 @@ def _k_range(split, K, SPLIT_K: tl.constexpr, K_GRANULE: tl.constexpr):
     return k_begin, tl.minimum(k_begin + k_per_split, K)  # a split past K has nothing to add: its partial is zero
 
 
+# Weight columns (of K) each program asks L2 for before it waits for the kernel before it (dependent launches only;
+# 0: none).
+PREFETCH_COLUMNS = 256
+
+
+@triton.jit
+def _prefetch_weights(w_ptr, stride_w, n, n_mask, k_begin, k_end, PREFETCH: tl.constexpr):
+    """L2 prefetch of the first ``PREFETCH`` columns of rows ``n`` from ``k_begin``: one address per 128-byte line."""
+    LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth
+    k = k_begin + tl.arange(0, PREFETCH // LINE) * LINE
+    rows = tl.where(n_mask, n, 0)
+    columns = tl.minimum(k, tl.maximum(k_end - 1, 0))
+    prefetch_to_l2(w_ptr + rows[:, None] * stride_w + columns[None, :])
+
+
 @triton.jit
 def _accumulate(acc, w_ptr, stride_w, n, n_mask, x_ptr, stride_x, m, m_mask, k, k_mask, DOT_FLOAT32: tl.constexpr):
     """acc [BLOCK_N, M_PAD] += W[n, k] @ x[m, k]^T."""
@@ -119,10 +134,10 @@ def _concat_linear_kernel(
     stride_x, stride_w, stride_out, stride_partial_split, stride_partial_row,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr, K_GRANULE: tl.constexpr,
     SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
+    PREFETCH_K: tl.constexpr,
 ):
     """Weights 1 and 2 (and their biases) are addressed from weight 0's pointer by element offsets, so that the
     weight a block reads is chosen with integer selects that keep the alignment the loads are vectorised on."""
-    wait_for_prior_kernel(GRID_DEPENDENT)
     block = tl.program_id(0)
     split = tl.program_id(1)
     blocks0 = tl.cdiv(N0, BLOCK_N)
@@ -140,6 +155,9 @@ def _concat_linear_kernel(
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     k_begin, k_end = _k_range(split, K, SPLIT_K, K_GRANULE)
+    if GRID_DEPENDENT and PREFETCH_K > 0:  # the weights are read-only for the whole step: safe before the wait
+        _prefetch_weights(w_ptr, stride_w, n, n_mask, k_begin, k_end, PREFETCH_K)
+    wait_for_prior_kernel(GRID_DEPENDENT)
     acc = tl.zeros([BLOCK_N, M_PAD], tl.float32)
     for k_start in range(k_begin, k_end, BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)
@@ -169,11 +187,14 @@ def _silu_gated_kernel(
     x_ptr, gate_ptr, up_ptr, gate_bias_ptr, up_bias_ptr, out_ptr,
     M, K, N, stride_x, stride_gate, stride_up, stride_out,
     M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FLOAT32: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_DEPENDENT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GRID_DEPENDENT: tl.constexpr, PREFETCH_K: tl.constexpr,
 ):
-    wait_for_prior_kernel(GRID_DEPENDENT)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
+    if GRID_DEPENDENT and PREFETCH_K > 0:  # the weights are read-only for the whole step: safe before the wait
+        _prefetch_weights(gate_ptr, stride_gate, n, n_mask, 0, K, PREFETCH_K)
+        _prefetch_weights(up_ptr, stride_up, n, n_mask, 0, K, PREFETCH_K)
+    wait_for_prior_kernel(GRID_DEPENDENT)
     m = tl.arange(0, M_PAD)
     m_mask = m < M
     gate = tl.zeros([BLOCK_N, M_PAD], tl.float32)
@@ -247,6 +268,7 @@ def concat_linear(
         x.stride(0), weights[0].stride(0), out.stride(0), partial.stride(0), partial.stride(1),
         M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype), K_GRANULE=SPLIT_K_GRANULE,
         **({} if split_k is None else {"SPLIT_K": split_k}), **dependent_launch_options(x.device),
+        PREFETCH_K=PREFETCH_COLUMNS,
     )
     return out
 
@@ -271,6 +293,6 @@ def silu_gated_linear(
         x, gate_weight, up_weight, gate_bias if has_bias else gate_weight, up_bias if has_bias else up_weight, out,
         rows, depth, size, x.stride(0), gate_weight.stride(0), up_weight.stride(0), out.stride(0),
         M_PAD=rows_padded(rows), HAS_BIAS=has_bias, DOT_FLOAT32=dots_in_float32(x.dtype),
-        **dependent_launch_options(x.device),
+        **dependent_launch_options(x.device), PREFETCH_K=PREFETCH_COLUMNS,
     )
     return out
