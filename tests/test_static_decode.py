@@ -289,7 +289,8 @@ def test_a_synchronisation_lasts_until_the_device_ran_what_it_queued() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (device work queued after the host returns)")
 def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytest.MonkeyPatch) -> None:
     """A compaction that also queues a kernel spinning the GPU for well over 50 ms (the host returns at once): its
-    synchronisation must last that long, and the interval after it must not."""
+    synchronisation must last at least as long as that kernel ran, and the intervals without one must not. Each
+    spin is timed by CUDA events around it (a spin counts clock cycles, so its length follows the GPU's clock)."""
     from dynts.compressor import DenseCompressor
 
     model, ids, mask = _models("cuda", torch.float32)
@@ -299,34 +300,36 @@ def test_a_compaction_is_timed_with_the_device_work_it_queued(monkeypatch: pytes
         ids, attention_mask=mask, max_new_tokens=30, readback_every=4, eos_token_id=[])
     cache = DynTSCache(model, config, scorer=_scorer(model))
     compact = DenseCompressor.compact
+    spins: dict[int, list[tuple[torch.cuda.Event, torch.cuda.Event]]] = {}  # steps tracked so far -> its spins
 
     def slow_compact(self, rows, ahead=None):
         compact(self, rows, ahead)
+        events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        events[0].record()
         torch.cuda._sleep(200_000_000)
+        events[1].record()
+        spins.setdefault(len(cache.stats.history) - 1, []).append(events)
 
     monkeypatch.setattr(DenseCompressor, "compact", slow_compact)
-    spin = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    spin[0].record()
-    torch.cuda._sleep(200_000_000)
-    spin[1].record()
-    spin[1].synchronize()
-    spin_seconds = spin[0].elapsed_time(spin[1]) / 1000
-    assert spin_seconds > 0.05
     decoder = StaticDecoder(model, cache)
     decoder.generate(ids, attention_mask=mask, max_new_tokens=30, readback_every=4, eos_token_id=[])
+    torch.cuda.synchronize()
     assert cache.stats.compactions >= 1
+    spun = {steps: sum(begin.elapsed_time(end) for begin, end in events) / 1000 for steps, events in spins.items()}
+    assert min(spun.values()) > 0.05
     ends = [sum(decoder.sync_intervals[: index + 1]) for index in range(len(decoder.sync_intervals))]
     held = list(cache.stats.history)  # each row's length after the prefill, then after each step
     compacting = {index for index, end in enumerate(ends)
                   if end < len(held) and any(after < before for before, after in zip(held[end - 1], held[end]))}
-    assert compacting, (ends, held)
+    # The settle of interval i runs when the steps before it are tracked: ends[i - 1] of them.
+    spinning = {index: spun[steps] for index, steps in enumerate([0] + ends[:-1]) if steps in spun}
+    assert compacting and set(spinning) == compacting, (ends, held, sorted(spun))
     for index, seconds in enumerate(decoder.sync_seconds):
         if index in compacting:
-            assert seconds >= 0.9 * spin_seconds
+            assert seconds >= spinning[index], (index, seconds, spinning[index])
         else:
-            assert seconds < 0.5 * spin_seconds
-            assert decoder.step_seconds[ends[index] - 1] * decoder.sync_intervals[index] < 0.5 * spin_seconds
+            assert seconds < 0.5 * min(spun.values()), (index, seconds)
+            assert decoder.step_seconds[ends[index] - 1] * decoder.sync_intervals[index] < 0.5 * min(spun.values())
 
 
 @pytest.mark.parametrize("device", DEVICES)
