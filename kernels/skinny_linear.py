@@ -103,7 +103,8 @@ def _k_range(split, K, SPLIT_K: tl.constexpr, K_GRANULE: tl.constexpr):
 
 
 # Weight columns (of K) each program asks L2 for before it waits for the kernel before it (dependent launches only;
-# 0: none).
+# 0: none; else a power of two of at least one 128-byte line). On an H200, 256 took 0.02-0.06 ms off a decode step
+# (Llama-8B and Qwen-7B shapes, 4.5k and 15k held tokens) and 512 was slower than 256.
 PREFETCH_COLUMNS = 256
 
 
